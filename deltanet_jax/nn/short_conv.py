@@ -1,0 +1,147 @@
+"""Causal depthwise short convolution (fla's `ShortConvolution`), packed-sequence aware.
+
+Layout is sequence-first: x [B, T, D]. The weight has PyTorch's depthwise `nn.Conv1d` shape
+[D, 1, W] (W = kernel size), and `y[t] = sum_j weight[:, 0, j] * x[t - (W - 1) + j]`, so the last
+tap multiplies the current input. The decoding state holds the last W - 1 inputs, [B, W - 1, D].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_ACTIVATIONS = {None: None, "silu": jax.nn.silu, "swish": jax.nn.silu}
+
+
+def segment_index(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed-sequence bookkeeping, as the delta-rule ops define it.
+
+    segment_ids [B, T] (0 = padding) -> (seg_index [B, T] int32, valid [B, T] bool). seg_index is 0
+    on a row's first segment and grows by one wherever a valid token's id differs from the id of
+    the previous valid token (padding does not split a segment).
+    """
+    seg = segment_ids.astype(jnp.int32)
+    valid = seg != 0
+    pos = jnp.arange(seg.shape[1], dtype=jnp.int32)[None, :]
+    last_valid = jax.lax.cummax(jnp.where(valid, pos, -1), axis=1)
+    prev_valid = jnp.concatenate([jnp.full_like(last_valid[:, :1], -1), last_valid[:, :-1]], axis=1)
+    prev_id = jnp.take_along_axis(seg, jnp.maximum(prev_valid, 0), axis=1)
+    starts = valid & (prev_valid >= 0) & (prev_id != seg)
+    return jnp.cumsum(starts.astype(jnp.int32), axis=1), valid
+
+
+def _final_window(xe: jax.Array, keep: jax.Array, n: int) -> jax.Array:
+    """The last n rows of xe [B, L, D] where keep [B, L] is True, oldest first, zeros if fewer."""
+    count = jnp.cumsum(keep.astype(jnp.int32), axis=1)  # [B, L]
+    total = count[:, -1:]  # [B, 1]
+    target = total - n + 1 + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, n]
+    hit = keep[:, None, :] & (count[:, None, :] == target[:, :, None])  # [B, n, L]
+    idx = jnp.argmax(hit, axis=-1)  # [B, n]
+    rows = jnp.take_along_axis(xe, idx[:, :, None], axis=1)
+    return jnp.where((target >= 1)[..., None], rows, jnp.zeros((), xe.dtype))
+
+
+def causal_conv1d(x: jax.Array, weight: jax.Array, *, segment_ids: jax.Array | None = None,
+                  initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Depthwise causal convolution without activation, accumulated in float32.
+
+    x [B, T, D]; weight [D, W]; initial_state [B, W - 1, D] (the inputs before x; zeros if None).
+    segment_ids [B, T] (0 = padding, segments as in `segment_index`): a tap reads an input only if
+    it is a valid token of the same segment (or the initial state, for the row's first segment);
+    padding outputs are 0. A tap landing on padding inside a segment reads zero rather than
+    skipping it. Returns (y [B, T, D] float32, final_state [B, W - 1, D] in x's dtype): the last
+    W - 1 inputs of the row's last segment (preceded by the initial state if that segment is the
+    first), zeros where there are fewer.
+    """
+    b, t, d = x.shape
+    w = weight.shape[1]
+    if initial_state is None:
+        initial_state = jnp.zeros((b, w - 1, d), x.dtype)
+    xpad = jnp.concatenate([initial_state.astype(x.dtype), x], axis=1)  # [B, W - 1 + T, D]
+    w32 = weight.astype(jnp.float32)
+    if segment_ids is not None:
+        seg, valid = segment_index(segment_ids)
+        # Extended to the initial state: it continues segment 0 and counts as valid.
+        seg_e = jnp.concatenate([jnp.zeros((b, w - 1), jnp.int32), seg], axis=1)
+        valid_e = jnp.concatenate([jnp.ones((b, w - 1), bool), valid], axis=1)
+    y = jnp.zeros((b, t, d), jnp.float32)
+    for j in range(w):
+        tap = xpad[:, j:j + t, :].astype(jnp.float32)
+        if segment_ids is not None:
+            ok = valid_e[:, j:j + t] & (seg_e[:, j:j + t] == seg) & valid
+            tap = jnp.where(ok[..., None], tap, 0.0)
+        y = y + tap * w32[:, j]
+    if segment_ids is None or w == 1:
+        final_state = xpad[:, t:, :]
+    else:
+        final_state = _final_window(xpad, valid_e & (seg_e == seg[:, -1:]), w - 1)
+    return y, final_state
+
+
+def causal_conv1d_step(x_t: jax.Array, weight: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One decoding step. x_t [B, D]; weight [D, W]; state [B, W - 1, D].
+
+    Returns (y_t [B, D] float32 without activation, new_state [B, W - 1, D]).
+    """
+    window = jnp.concatenate([state.astype(x_t.dtype), x_t[:, None, :]], axis=1)  # [B, W, D]
+    y = jnp.einsum("bwd,dw->bd", window.astype(jnp.float32), weight.astype(jnp.float32))
+    return y, window[:, 1:, :]
+
+
+class ShortConvolution(nnx.Module):
+    """Bias-free causal depthwise conv + optional SiLU. x [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, hidden_size: int, kernel_size: int = 4, *, activation: str | None = "silu",
+                 dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
+                 kernel_init: nnx.Initializer = nnx.initializers.normal(0.02), rngs: nnx.Rngs):
+        if hidden_size <= 0 or kernel_size <= 0:
+            raise ValueError(f"ShortConvolution needs positive hidden_size and kernel_size, "
+                             f"got {hidden_size} and {kernel_size}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"ShortConvolution activation must be one of {sorted(map(str, _ACTIVATIONS))}, "
+                             f"got {activation!r}")
+        self.hidden_size = hidden_size
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.dtype = dtype
+        self.weight = nnx.Param(kernel_init(rngs.params(), (hidden_size, 1, kernel_size), param_dtype))
+
+    def _activate(self, y: jax.Array, out_dtype) -> jax.Array:
+        act = _ACTIVATIONS[self.activation]
+        return (act(y) if act is not None else y).astype(out_dtype)
+
+    def _check(self, x: jax.Array, ndim: int, name: str) -> None:
+        if x.ndim != ndim or x.shape[-1] != self.hidden_size:
+            want = "[B, T, D]" if ndim == 3 else "[B, D]"
+            raise ValueError(f"ShortConvolution {name} must be {want} with D={self.hidden_size}, got {x.shape}")
+
+    def init_state(self, batch_size: int, dtype: jnp.dtype | None = None) -> jax.Array:
+        """Zero decoding state [B, W - 1, D]."""
+        return jnp.zeros((batch_size, self.kernel_size - 1, self.hidden_size), dtype or self.dtype or jnp.float32)
+
+    def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
+                 initial_state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, D] -> (y [B, T, D], final_state [B, W - 1, D]); see `causal_conv1d`."""
+        self._check(x, 3, "input")
+        if segment_ids is not None and segment_ids.shape != x.shape[:2]:
+            raise ValueError(f"segment_ids must be [B, T] = {x.shape[:2]}, got {segment_ids.shape}")
+        if initial_state is not None and initial_state.shape != (x.shape[0], self.kernel_size - 1, self.hidden_size):
+            raise ValueError(f"initial_state must be [B, W-1, D] = "
+                             f"{(x.shape[0], self.kernel_size - 1, self.hidden_size)}, got {initial_state.shape}")
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        y, final_state = causal_conv1d(x, self.weight[...][:, 0, :], segment_ids=segment_ids,
+                                       initial_state=initial_state)
+        return self._activate(y, x.dtype), final_state
+
+    def step(self, x_t: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One token: x_t [B, D], conv_state [B, W - 1, D] -> (y_t [B, D], new_state)."""
+        self._check(x_t, 2, "step input")
+        if conv_state.shape != (x_t.shape[0], self.kernel_size - 1, self.hidden_size):
+            raise ValueError(f"conv_state must be [B, W-1, D] = "
+                             f"{(x_t.shape[0], self.kernel_size - 1, self.hidden_size)}, got {conv_state.shape}")
+        if self.dtype is not None:
+            x_t = x_t.astype(self.dtype)
+        y, new_state = causal_conv1d_step(x_t, self.weight[...][:, 0, :], conv_state)
+        return self._activate(y, x_t.dtype), new_state
