@@ -1,0 +1,93 @@
+"""Public delta-rule ops: argument checks, precision policy and dispatch between implementations."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from deltanet_jax.ops import chunked, reference
+from deltanet_jax.ops.segments import segment_index
+from deltanet_jax.ops.validation import IMPLEMENTATIONS, check_sequence_args, check_step_args
+
+
+def default_implementation() -> str:
+    """"pallas" on a GPU backend, "chunked" elsewhere."""
+    return "pallas" if jax.default_backend() == "gpu" else "chunked"
+
+
+def _compute_dtype(*xs: jax.Array) -> jnp.dtype:
+    """float64 if any input is float64, else float32: the reference paths accumulate in this."""
+    return jnp.dtype(jnp.float64) if any(x.dtype == jnp.float64 for x in xs) else jnp.dtype(jnp.float32)
+
+
+def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
+               scale: Optional[float] = None, initial_state: Optional[jax.Array] = None,
+               output_final_state: bool = False, segment_ids: Optional[jax.Array] = None,
+               qk_l2norm: bool = False, implementation: Optional[str] = None,
+               ) -> tuple[jax.Array, Optional[jax.Array]]:
+    """The delta rule over a sequence.
+
+    Args:
+      q, k: `[B, T, H, K]`; v: `[B, T, H, V]`; beta: `[B, T, H]` (bf16, fp16 or fp32).
+      scale: multiplies q; defaults to `K ** -0.5`.
+      initial_state: `[B, H, K, V]` state before the first token (zeros if None).
+      output_final_state: also return the state after the last token (`[B, H, K, V]`, float32).
+      segment_ids: `[B, T]` int; tokens of different segments never interact, the state restarts
+        from zero at every segment start, 0 marks padding (skipped, output 0).
+      qk_l2norm: L2-normalise q and k over K (eps 1e-6) before the rule.
+      implementation: "recurrent", "chunked", "pallas" or None (pallas on GPU, chunked elsewhere).
+
+    Returns:
+      `(o [B, T, H, V] in v's dtype, final_state or None)`.
+    """
+    B, T, H, K, V = check_sequence_args(q, k, v, beta, initial_state, segment_ids)
+    impl = default_implementation() if implementation is None else implementation
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; expected one of {IMPLEMENTATIONS} or None")
+    scale = K ** -0.5 if scale is None else float(scale)
+    if segment_ids is None:
+        seg_index = jnp.zeros((B, T), jnp.int32)
+        valid = jnp.ones((B, T), bool)
+    else:
+        seg_index, valid = segment_index(segment_ids)
+
+    if impl == "pallas":
+        from pallas_kernels.delta_rule import chunk_delta_rule
+
+        o, final_state = chunk_delta_rule(
+            q, k, v, beta, scale=scale, initial_state=initial_state,
+            seg_index=None if segment_ids is None else seg_index,
+            valid=None if segment_ids is None else valid,
+            qk_l2norm=qk_l2norm, interpret=jax.default_backend() != "gpu")
+        return o, (final_state if output_final_state else None)
+
+    out_dtype = v.dtype
+    dtype = _compute_dtype(q, k, v, beta, *([] if initial_state is None else [initial_state]))
+    q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
+    if qk_l2norm:
+        q, k = reference.l2norm(q), reference.l2norm(k)
+    state0 = jnp.zeros((B, H, K, V), dtype) if initial_state is None else initial_state.astype(dtype)
+    fn = reference.delta_rule_recurrent if impl == "recurrent" else chunked.delta_rule_chunked
+    o, final_state = fn(q, k, v, beta, scale, state0, seg_index, valid)
+    return o.astype(out_dtype), (final_state if output_final_state else None)
+
+
+def delta_rule_step(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, state: jax.Array, *,
+                    scale: Optional[float] = None, qk_l2norm: bool = False,
+                    ) -> tuple[jax.Array, jax.Array]:
+    """One decoding step: q, k `[B, H, K]`, v `[B, H, V]`, beta `[B, H]`, state `[B, H, K, V]`.
+
+    Returns `(o [B, H, V] in v's dtype, new_state [B, H, K, V] float32)`; fused by XLA on every
+    backend (a single token is a few small matrix-vector products).
+    """
+    check_step_args(q, k, v, beta, state)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out_dtype = v.dtype
+    dtype = _compute_dtype(q, k, v, beta, state)
+    q, k, v, beta, state = (x.astype(dtype) for x in (q, k, v, beta, state))
+    if qk_l2norm:
+        q, k = reference.l2norm(q), reference.l2norm(k)
+    o, state = reference.step(q, k, v, beta, state, scale)
+    return o.astype(out_dtype), state

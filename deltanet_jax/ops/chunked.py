@@ -1,0 +1,85 @@
+"""The chunked WY (Householder-product) form of the delta rule in plain XLA.
+
+Per chunk of C tokens (DESIGN.md "Math and conventions"):
+
+    A = tril(diag(beta) K K^T, -1),  T = (I + A)^{-1},  W = T (beta K),  U = T (beta V)
+    V' = U - W S,  O = scale (Q S + tril(Q K^T) V'),  S <- S + K^T V'
+
+With packed segments, A and tril(Q K^T) only link tokens of the same segment, tokens of a segment
+that starts inside the chunk see a zero incoming state, and only the chunk's last segment carries
+its contribution forward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CHUNK = 64
+
+
+def _pad_time(x: jax.Array, pad: int, value=0) -> jax.Array:
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def prepare_wy(k: jax.Array, v: jax.Array, beta: jax.Array, same: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """W, U of every chunk. k `[..., C, K]`, v `[..., C, V]`, beta `[..., C]`,
+    same `[..., C, C]` (tokens that may interact). Returns W `[..., C, K]`, U `[..., C, V]`."""
+    C = k.shape[-2]
+    kb = k * beta[..., None]
+    strict = jnp.tril(jnp.ones((C, C), dtype=bool), -1)
+    a = jnp.where(strict & same, jnp.einsum("...ik,...jk->...ij", kb, k), 0.0)
+    eye = jnp.eye(C, dtype=k.dtype)
+    lhs = jnp.broadcast_to(eye + a, a.shape)
+    w = jax.lax.linalg.triangular_solve(lhs, kb, left_side=True, lower=True, unit_diagonal=True)
+    u = jax.lax.linalg.triangular_solve(lhs, v * beta[..., None], left_side=True, lower=True,
+                                        unit_diagonal=True)
+    return w, u
+
+
+def delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, scale: float,
+                       initial_state: jax.Array, seg_index: jax.Array, valid: jax.Array,
+                       chunk: int = CHUNK) -> tuple[jax.Array, jax.Array]:
+    """Same contract as `reference.delta_rule_recurrent`; any T (padded inside to a multiple of chunk)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    pad = (-T) % chunk
+    N = (T + pad) // chunk
+    beta = jnp.where(valid[:, :, None], beta, 0.0)
+    q, k, v, beta = (_pad_time(x, pad) for x in (q, k, v, beta))
+    idx = _pad_time(seg_index, pad, 0)
+    if pad:
+        idx = idx.at[:, T:].set(seg_index[:, -1:])
+
+    def to_chunks(x):  # [B, N*C, H, ...] -> [N, B, H, C, ...]
+        x = x.reshape(B, N, chunk, H, *x.shape[3:])
+        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+    qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
+    bc = to_chunks(beta[..., None])[..., 0]                      # [N, B, H, C]
+    ic = jnp.moveaxis(idx.reshape(B, N, chunk), 1, 0)            # [N, B, C]
+    idx_in = jnp.concatenate([jnp.zeros_like(ic[:1, :, 0]), ic[:-1, :, -1]], axis=0)  # [N, B]
+    same = (ic[..., :, None] == ic[..., None, :])[:, :, None]    # [N, B, 1, C, C]
+    causal = jnp.tril(jnp.ones((chunk, chunk), dtype=bool))
+    w, u = prepare_wy(kc, vc, bc, same)
+    m_in = (ic == idx_in[..., None])[:, :, None, :, None]        # [N, B, 1, C, 1]
+    m_last = (ic == ic[..., -1:])[:, :, None, :, None]
+    carry = (ic[..., -1] == idx_in)[:, :, None, None, None]      # [N, B, 1, 1, 1]
+    attend = same & causal
+
+    def body(state, xs):
+        q_c, k_c, w_c, u_c, m_in_c, m_last_c, carry_c, attend_c = xs
+        v_new = u_c - jnp.where(m_in_c, w_c @ state, 0.0)
+        scores = jnp.where(attend_c, q_c @ jnp.swapaxes(k_c, -1, -2), 0.0)
+        o_c = scale * (jnp.where(m_in_c, q_c @ state, 0.0) + scores @ v_new)
+        state = jnp.where(carry_c, state, 0.0) + jnp.swapaxes(k_c, -1, -2) @ jnp.where(m_last_c, v_new, 0.0)
+        return state, o_c
+
+    final_state, o = jax.lax.scan(body, initial_state.astype(q.dtype),
+                                  (qc, kc, w, u, m_in, m_last, carry, attend))
+    o = jnp.moveaxis(jnp.moveaxis(o, 2, 3), 0, 1).reshape(B, N * chunk, H, V)[:, :T]
+    return jnp.where(valid[:, :, None, None], o, 0.0), final_state
