@@ -78,8 +78,8 @@ def test_packed_segments_equal_separate_runs(impl):
         for n, sid in enumerate(ids):
             pos = np.nonzero(seg[b] == sid)[0]
             init = s0[b:b + 1] if n == 0 else None
-            o_alone, s_alone = delta_rule(q[b:b + 1, pos], k[b:b + 1, pos], v[b:b + 1, pos], beta[b:b + 1, pos],
-                                          initial_state=init, output_final_state=True, implementation=impl)
+            o_alone, s_alone = delta_rule_numpy(q[b:b + 1, pos], k[b:b + 1, pos], v[b:b + 1, pos],
+                                                beta[b:b + 1, pos], initial_state=init)
             np.testing.assert_allclose(o[b:b + 1, pos], o_alone, rtol=1e-4, atol=1e-5)
             if n == len(ids) - 1:
                 np.testing.assert_allclose(s[b:b + 1], s_alone, rtol=1e-4, atol=1e-5)
@@ -125,9 +125,10 @@ def test_step_matches_sequence():
     q, k, v, beta, s0 = make_inputs(5, B, T, H, K, V)
     o_seq, s_seq = delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, qk_l2norm=True,
                               implementation="recurrent")
+    step = jax.jit(lambda q, k, v, b, s: delta_rule_step(q, k, v, b, s, qk_l2norm=True))
     state, outs = s0, []
     for t in range(T):
-        o_t, state = delta_rule_step(q[:, t], k[:, t], v[:, t], beta[:, t], state, qk_l2norm=True)
+        o_t, state = step(q[:, t], k[:, t], v[:, t], beta[:, t], state)
         outs.append(o_t)
     assert rel_err(jnp.stack(outs, 1), o_seq) < 1e-5
     assert rel_err(state, s_seq) < 1e-5
