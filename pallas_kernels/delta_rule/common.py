@@ -1,0 +1,137 @@
+"""Pieces shared by the delta-rule kernels: launch parameters, dots, masks, the 64x64 inverse.
+
+Everything here runs inside Pallas kernels lowered through Triton (or in interpret mode on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+CHUNK = 64        # tokens per chunk
+BLOCK = 16        # sub-block of the chunk for the triangular inverse
+L2NORM_EPS = 1e-6
+
+# Pallas warns that its Triton lowering is deprecated; we select it on purpose (DESIGN.md "Kernels").
+warnings.filterwarnings("ignore", message=".*Triton lowering.*deprecated.*", category=DeprecationWarning)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Static launch choices of one kernel: Triton warps and pipeline stages."""
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def params(self) -> plgpu.CompilerParams:
+        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Static facts about one call, shared by the forward and backward kernels."""
+    scale: float
+    qk_l2norm: bool
+    has_segments: bool
+    interpret: bool
+
+    @property
+    def precision(self):
+        """Precision of float32 x float32 dots: 3xTF32 on the GPU (near-fp32), exact when interpreted."""
+        return jax.lax.Precision.HIGHEST if self.interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
+def dot(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
+    """`a @ b` for 2-D operands of one dtype, accumulated in float32."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def dot_tn(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
+    """`a^T @ b`, float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def dot_nt(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
+    """`a @ b^T`, float32 accumulation."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def mm(a: jax.Array, b: jax.Array, dtype, static: Static, kind: str = "nn") -> jax.Array:
+    """Matrix product with both operands cast to the kernel's operand dtype (bf16/fp16 tensor
+    cores with float32 accumulation, or float32 at `static.precision`)."""
+    a, b = a.astype(dtype), b.astype(dtype)
+    precision = static.precision if jnp.dtype(dtype) == jnp.float32 else None
+    fn = {"nn": dot, "tn": dot_tn, "nt": dot_nt}[kind]
+    return fn(a, b, precision)
+
+
+def iota2(n: int, m: int, dim: int) -> jax.Array:
+    return jax.lax.broadcasted_iota(jnp.int32, (n, m), dim)
+
+
+def l2normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows of `x [N, D]` (float32) scaled to unit norm; returns (x_hat, rstd [N, 1])."""
+    rstd = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + L2NORM_EPS)
+    return x * rstd, rstd
+
+
+def l2normalize_bwd(x_hat: jax.Array, rstd: jax.Array, dx_hat: jax.Array) -> jax.Array:
+    """Gradient through `l2normalize`: `(dx_hat - x_hat <x_hat, dx_hat>) * rstd`."""
+    return (dx_hat - x_hat * jnp.sum(x_hat * dx_hat, axis=1, keepdims=True)) * rstd
+
+
+def load_rows(ref, start: int, rows: int, normalize: bool = False) -> jax.Array:
+    """Rows [start, start+rows) of a 2-D ref as float32, L2-normalised when asked."""
+    x = ref[pl.ds(start, rows), :].astype(jnp.float32)
+    return l2normalize(x)[0] if normalize else x
+
+
+def inverse_unit_lower16(a: jax.Array) -> jax.Array:
+    """`(I + a)^{-1}` for strictly lower-triangular `a [16, 16]` (float32), by forward substitution.
+
+    Row i of L = T - I solves L_i = -a_i - a_i L (rows of L below i are still zero).
+    """
+    rows = iota2(BLOCK, BLOCK, 0)
+
+    def body(i, low):
+        a_i = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)
+        l_i = -a_i - jnp.sum(a_i[:, None] * low, axis=0)
+        return jnp.where(rows == i, l_i[None, :], low)
+
+    low = jax.lax.fori_loop(1, BLOCK, body, jnp.zeros((BLOCK, BLOCK), jnp.float32))
+    return low + (rows == iota2(BLOCK, BLOCK, 1)).astype(jnp.float32)
+
+
+def inverse_unit_lower_blocks(a: dict) -> dict:
+    """Blocks of `T = (I + A)^{-1}` from the 16x16 blocks `a[i, j]` (i >= j, float32) of a strictly
+    lower-triangular 64x64 `A`: diagonal blocks by forward substitution, the rest by block forward
+    substitution `T_ij = -T_ii sum_{l=j}^{i-1} A_il T_lj` in exact float32 dots."""
+    n = CHUNK // BLOCK
+    exact = jax.lax.Precision.HIGHEST
+    t = {}
+    for i in range(n):
+        t[i, i] = inverse_unit_lower16(a[i, i])
+        for j in range(i):
+            acc = sum(dot(a[i, l], t[l, j], exact) for l in range(j, i))
+            t[i, j] = -dot(t[i, i], acc, exact)
+    return t
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Launch choices of every kernel of one call (tile widths over V and Triton parameters)."""
+    wy: Launch = Launch(4, 2)
+    fwd: Launch = Launch(4, 2)
+    fwd_block_v: int = 64
+    states: Launch = Launch(4, 2)
+    state_grads: Launch = Launch(4, 2)
+    bwd_block_v: int = 64
+    grads: Launch = Launch(8, 2)
+    grads_block_v: int = 64

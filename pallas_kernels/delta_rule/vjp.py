@@ -1,0 +1,99 @@
+"""`chunk_delta_rule`: the Pallas chunked delta rule with a custom VJP.
+
+Forward: `wy_prepare` (W, U per chunk, parallel) then `chunk_forward` (the state scan). Nothing but
+the inputs is saved for the backward pass, which recomputes W, U, T = (I + A)^{-1}, the state
+entering each chunk and V' (`wy_prepare`, `chunk_forward(states=True)`), runs the reverse state
+scan (`chunk_state_grads`) and finishes with per-chunk gradients (`chunk_grads`). The chunk states
+of the recompute live only inside the backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.delta_rule.chunk_bwd import chunk_grads, chunk_state_grads
+from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
+from pallas_kernels.delta_rule.common import CHUNK, KernelConfig, Static
+from pallas_kernels.delta_rule.wy import wy_prepare
+
+KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _delta_rule(q, k, v, beta, h0, idx, static: Static, config: KernelConfig):
+    return _forward(q, k, v, beta, h0, idx, static, config)
+
+
+def _forward(q, k, v, beta, h0, idx, static, config):
+    w, u = wy_prepare(k, v, beta, idx, static=static, launch=config.wy)
+    return chunk_forward(q, k, w, u, idx, h0, static=static, block_v=config.fwd_block_v, launch=config.fwd)
+
+
+def _delta_rule_fwd(q, k, v, beta, h0, idx, static, config):
+    return _forward(q, k, v, beta, h0, idx, static, config), (q, k, v, beta, h0, idx)
+
+
+def _delta_rule_bwd(static, config, residuals, cotangents):
+    q, k, v, beta, h0, idx = residuals
+    do, dht = cotangents
+    w, u, tmat = wy_prepare(k, v, beta, idx, static=static, with_t=True, launch=config.wy)
+    v_new, _, h = chunk_forward(q, k, w, u, idx, h0, static=static, states=True,
+                                block_v=config.fwd_block_v, launch=config.states)
+    dv_new, dh0, dh = chunk_state_grads(q, k, w, do.astype(q.dtype), idx, dht, static=static,
+                                        block_v=config.bwd_block_v, launch=config.state_grads)
+    dq, dk, dv, dbeta = chunk_grads(q, k, v, beta, tmat, v_new, dv_new, do.astype(q.dtype), h, dh, idx,
+                                    static=static, block_v=config.grads_block_v, launch=config.grads)
+    return dq, dk, dv, dbeta, (None if h0 is None else dh0), None
+
+
+_delta_rule.defvjp(_delta_rule_fwd, _delta_rule_bwd)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def _pad(x: jax.Array, axis: int, size: int, mode: str = "constant") -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, mode=mode)
+
+
+def chunk_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *, scale: float,
+                     initial_state: Optional[jax.Array] = None, seg_index: Optional[jax.Array] = None,
+                     valid: Optional[jax.Array] = None, qk_l2norm: bool = False, interpret: bool = False,
+                     config: Optional[KernelConfig] = None) -> tuple[jax.Array, jax.Array]:
+    """The delta rule by the Pallas chunked kernels (differentiable).
+
+    q, k `[B, T, H, K]`, v `[B, T, H, V]` (bf16, fp16 or fp32; promoted to one dtype), beta `[B, T, H]`,
+    initial_state `[B, H, K, V]` or None, seg_index / valid `[B, T]` (see `deltanet_jax.ops.segments`)
+    or None. Any T, K and V (padded inside to a multiple of 64 and to powers of two >= 16).
+    Returns `(o [B, T, H, V] in v's dtype, final_state [B, H, K, V] float32)`.
+    """
+    dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the Pallas kernels take bfloat16, float16 or float32 inputs; got q {q.dtype},"
+                         f" k {k.dtype}, v {v.dtype}")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    Tp, Kp, Vp = -(-T // CHUNK) * CHUNK, _pow2_at_least_16(K), _pow2_at_least_16(V)
+    beta = beta.astype(jnp.float32)
+    if valid is not None:
+        beta = jnp.where(valid[:, :, None], beta, 0.0)
+    q, k = (_pad(_pad(x.astype(dtype), 1, Tp), 3, Kp) for x in (q, k))
+    v = _pad(_pad(v.astype(dtype), 1, Tp), 3, Vp)
+    beta = _pad(beta, 1, Tp)
+    idx = None if seg_index is None else _pad(seg_index.astype(jnp.int32), 1, Tp, mode="edge")
+    h0 = None if initial_state is None else _pad(_pad(initial_state.astype(jnp.float32), 2, Kp), 3, Vp)
+    static = Static(scale=float(scale), qk_l2norm=qk_l2norm, has_segments=idx is not None, interpret=interpret)
+    o, final_state = _delta_rule(q, k, v, beta, h0, idx, static, config or KernelConfig())
+    o = o[:, :T, :, :V]
+    if valid is not None:
+        o = jnp.where(valid[:, :, None, None], o, 0)
+    return o.astype(v.dtype), final_state[:, :, :K, :V]

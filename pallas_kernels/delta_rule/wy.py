@@ -1,0 +1,90 @@
+"""WY preparation, one program per (chunk, batch, head), all chunks in parallel:
+
+    A = tril(diag(beta) K K^T, -1)   (masked to same-segment pairs)
+    T = (I + A)^{-1}                 (float32, 16x16 forward substitution + block merge)
+    W = T (beta K),  U = T (beta V)
+
+Optionally writes T (float32 `[B, T, H, C]`, row-major per chunk) for the backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.delta_rule.common import BLOCK, CHUNK, Launch, Static, inverse_unit_lower_blocks, iota2, mm
+
+
+def _wy_kernel(*refs, static: Static, with_t: bool):
+    k_ref, v_ref, beta_ref = refs[:3]
+    idx_ref = refs[3] if static.has_segments else None
+    w_ref, u_ref = refs[-3:-1] if with_t else refs[-2:]
+    t_ref = refs[-1] if with_t else None
+    dtype = k_ref.dtype
+    n = CHUNK // BLOCK
+    ks = [None] * n
+    kb, vb, idx = [], [], []
+    for i in range(n):
+        rows = pl.ds(i * BLOCK, BLOCK)
+        k_i = k_ref[rows, :].astype(jnp.float32)
+        if static.qk_l2norm:
+            k_i = k_i * jax.lax.rsqrt(jnp.sum(k_i * k_i, axis=1, keepdims=True) + 1e-6)
+        b_i = beta_ref[rows].astype(jnp.float32)
+        ks[i] = k_i.astype(dtype)
+        kb.append((k_i * b_i[:, None]).astype(dtype))
+        vb.append((v_ref[rows, :].astype(jnp.float32) * b_i[:, None]).astype(dtype))
+        if static.has_segments:
+            idx.append(idx_ref[rows])
+    strict = iota2(BLOCK, BLOCK, 0) > iota2(BLOCK, BLOCK, 1)
+    a = {}
+    for i in range(n):
+        for j in range(i + 1):
+            a_ij = mm(kb[i], ks[j], dtype, static, "nt")
+            keep = strict if i == j else None
+            if static.has_segments:
+                same = idx[i][:, None] == idx[j][None, :]
+                keep = same if keep is None else keep & same
+            a[i, j] = a_ij if keep is None else jnp.where(keep, a_ij, 0.0)
+    t = inverse_unit_lower_blocks(a)
+    for i in range(n):
+        rows = pl.ds(i * BLOCK, BLOCK)
+        w_i = sum(mm(t[i, j], kb[j], dtype, static) for j in range(i + 1))
+        u_i = sum(mm(t[i, j], vb[j], dtype, static) for j in range(i + 1))
+        w_ref[rows, :] = w_i.astype(w_ref.dtype)
+        u_ref[rows, :] = u_i.astype(u_ref.dtype)
+        if with_t:
+            for j in range(n):
+                block = t[i, j] if j <= i else jnp.zeros((BLOCK, BLOCK), jnp.float32)
+                t_ref[rows, pl.ds(j * BLOCK, BLOCK)] = block
+
+
+@functools.partial(jax.jit, static_argnames=("static", "with_t", "launch"))
+def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, *, static: Static, with_t: bool = False,
+               launch: Launch = Launch(4, 2)):
+    """k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, idx `[B, T]` int32 or None, T % 64 == 0.
+
+    Returns W `[B, T, H, K]`, U `[B, T, H, V]` in k's dtype (and T `[B, T, H, 64]` float32)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    grid = (T // CHUNK, B, H)
+    in_specs = [pl.BlockSpec((None, CHUNK, None, K), lambda c, b, h: (b, c, h, 0)),
+                pl.BlockSpec((None, CHUNK, None, V), lambda c, b, h: (b, c, h, 0)),
+                pl.BlockSpec((None, CHUNK, None), lambda c, b, h: (b, c, h))]
+    args = [k, v, beta]
+    if static.has_segments:
+        in_specs.append(pl.BlockSpec((None, CHUNK), lambda c, b, h: (b, c)))
+        args.append(idx)
+    out_shape = [jax.ShapeDtypeStruct((B, T, H, K), k.dtype), jax.ShapeDtypeStruct((B, T, H, V), k.dtype)]
+    out_specs = [pl.BlockSpec((None, CHUNK, None, K), lambda c, b, h: (b, c, h, 0)),
+                 pl.BlockSpec((None, CHUNK, None, V), lambda c, b, h: (b, c, h, 0))]
+    if with_t:
+        out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, CHUNK, None, CHUNK), lambda c, b, h: (b, c, h, 0)))
+    return pl.pallas_call(
+        functools.partial(_wy_kernel, static=static, with_t=with_t),
+        out_shape=tuple(out_shape), grid=grid, in_specs=in_specs, out_specs=tuple(out_specs),
+        interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_prepare",
+    )(*args)
