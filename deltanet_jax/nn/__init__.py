@@ -1,12 +1,12 @@
 """Flax NNX layers: RMS norms, causal short convolution, the DeltaNet mixer and the SwiGLU MLP."""
 
-from deltanet_jax.nn.deltanet import DeltaNet, DeltaNetCache, l2_normalize
+from deltanet_jax.nn.deltanet import DeltaNet, DeltaNetCache
 from deltanet_jax.nn.mlp import GatedMLP, mlp_intermediate_size
 from deltanet_jax.nn.norm import GatedRMSNorm, RMSNorm, rms_norm
 from deltanet_jax.nn.short_conv import ShortConvolution, causal_conv1d, causal_conv1d_step, segment_index
 
 __all__ = [
     "DeltaNet", "DeltaNetCache", "GatedMLP", "GatedRMSNorm", "RMSNorm", "ShortConvolution",
-    "causal_conv1d", "causal_conv1d_step", "l2_normalize", "mlp_intermediate_size", "rms_norm",
+    "causal_conv1d", "causal_conv1d_step", "mlp_intermediate_size", "rms_norm",
     "segment_index",
 ]

@@ -20,7 +20,6 @@ from deltanet_jax.ops import delta_rule, delta_rule_step
 
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
-L2_EPS = 1e-6
 
 
 class DeltaNetCache(NamedTuple):
@@ -32,12 +31,6 @@ class DeltaNetCache(NamedTuple):
 
     recurrent_state: jax.Array
     conv_state: tuple[jax.Array, jax.Array, jax.Array] | None
-
-
-def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
-    """`x / sqrt(sum(x**2, -1) + eps)` computed in float32, returned in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def _feature_map(x: jax.Array, activation: str) -> jax.Array:
@@ -221,8 +214,6 @@ class DeltaNet(nnx.Module):
         k = k.reshape(b, self.num_heads, self.head_k_dim)
         v = v.reshape(b, self.num_heads, self.head_v_dim)
         q, k = self._qk_features(q, k)
-        if self.qk_norm == "l2":
-            q, k = l2_normalize(q), l2_normalize(k)
         beta = self._beta(x_t, v.dtype)
-        o, state = delta_rule_step(q, k, v, beta, cache.recurrent_state)
+        o, state = delta_rule_step(q, k, v, beta, cache.recurrent_state, qk_l2norm=self.qk_norm == "l2")
         return self._output(o, x_t), DeltaNetCache(state, conv_state)
