@@ -32,13 +32,13 @@ def chunk_masks(idx_ref, c, static: Static):
     return attend, (idx == idx_in)[:, None], (idx == idx_last)[:, None], idx_last == idx_in
 
 
-def _fwd_kernel(*refs, static: Static, has_h0: bool, states: bool, n_chunks: int):
+def _fwd_kernel(*refs, static: Static, has_h0: bool, has_out: bool, states: bool, n_chunks: int):
     q_ref, k_ref, w_ref, u_ref = refs[:4]
     pos = 4
     idx_ref = refs[pos] if static.has_segments else None
     pos += static.has_segments
     h0_ref = refs[pos] if has_h0 else None
-    pos += has_h0
+    pos += has_h0 + has_out                            # `out` is aliased to the first output
     out_ref, last_ref = refs[pos], refs[pos + 1]       # o (or V') [T, BV]; final state [K, BV]
     h_ref = refs[pos + 2] if states else None          # [NT, K, BV]
     dtype = k_ref.dtype
@@ -70,12 +70,14 @@ def _fwd_kernel(*refs, static: Static, has_h0: bool, states: bool, n_chunks: int
 
 @functools.partial(jax.jit, static_argnames=("static", "states", "block_v", "launch"))
 def chunk_forward(q, k, w, u, idx, h0, *, static: Static, states: bool = False, block_v: int = 64,
-                  launch: Launch = Launch(4, 2)):
+                  launch: Launch = Launch(4, 2), out=None):
     """q, k, w `[B, T, H, K]`, u `[B, T, H, V]` (one dtype), idx `[B, T]` int32 or None,
     h0 `[B, H, K, V]` float32 or None; T % 64 == 0.
 
     Returns `(o [B, T, H, V], final_state [B, H, K, V] f32)`, or with `states=True`
     `(v_new [B, T, H, V], final_state, h [B, NT, H, K, V])` where h[:, c] is the state entering chunk c.
+    `out`, if given, is the buffer the first result is written into (donated; its contents are
+    overwritten everywhere).
     """
     B, T, H, K = q.shape
     V = u.shape[-1]
@@ -92,6 +94,11 @@ def chunk_forward(q, k, w, u, idx, h0, *, static: Static, states: bool = False, 
     if h0 is not None:
         in_specs.append(kv)
         args.append(h0)
+    aliases = {}
+    if out is not None:
+        in_specs.append(tile)
+        args.append(out)
+        aliases = {len(args) - 1: 0}
     out_shape = [jax.ShapeDtypeStruct((B, T, H, V), u.dtype if states else q.dtype),
                  jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)]
     out_specs = [tile, kv]
@@ -100,8 +107,9 @@ def chunk_forward(q, k, w, u, idx, h0, *, static: Static, states: bool = False, 
         out_shape.append(jax.ShapeDtypeStruct((B, nt, H, K, V), h_dtype))
         out_specs.append(pl.BlockSpec((None, nt, None, K, bv), lambda j, b, h: (b, 0, h, 0, j)))
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, static=static, has_h0=h0 is not None, states=states, n_chunks=nt),
-        out_shape=tuple(out_shape), grid=grid, in_specs=in_specs, out_specs=tuple(out_specs),
+        functools.partial(_fwd_kernel, static=static, has_h0=h0 is not None, has_out=out is not None,
+                          states=states, n_chunks=nt),
+        out_shape=tuple(out_shape), input_output_aliases=aliases, grid=grid, in_specs=in_specs, out_specs=tuple(out_specs),
         interpret=static.interpret, compiler_params=launch.params(),
         name="delta_rule_chunk_states" if states else "delta_rule_chunk_fwd",
     )(*args)

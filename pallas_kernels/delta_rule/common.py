@@ -135,3 +135,9 @@ class KernelConfig:
     bwd_block_v: int = 64
     grads: Launch = Launch(8, 2)
     grads_block_v: int = 64
+
+    @classmethod
+    def for_shape(cls, k_dim: int, v_dim: int) -> "KernelConfig":
+        """Defaults by head size: narrower V tiles when the float32 state `[K, BV]` grows."""
+        bv = 64 if k_dim <= 128 else 32
+        return cls(fwd_block_v=min(bv, v_dim), bwd_block_v=min(bv, v_dim), grads_block_v=min(bv, v_dim))

@@ -1,0 +1,226 @@
+"""Delta-rule op benchmark: the Pallas kernels, the XLA chunked path and fla (when importable), all
+in one run on one GPU, forward and forward+backward (gradients of q, k, v, beta and the initial
+state), bf16 inputs; regenerates the ops section of BENCHMARKS.md.
+
+    python -m experiments.bench_ops                 # full table, writes BENCHMARKS.md
+    python -m experiments.bench_ops --sweep         # also time launch choices of each kernel
+    python -m experiments.bench_ops --quick --no-write   # tiny shapes, any backend (a smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deltanet_jax.ops import delta_rule
+from experiments.benchmarks_md import update_section
+from experiments.timing import median_ms
+
+SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (16, 2048, 32, 64), (1, 32768, 16, 128)]
+QUICK_SHAPES = [(1, 128, 2, 16)]
+MEMORY_SHAPE = (1, 32768, 16, 128)
+
+
+def make_inputs(shape, seed=0):
+    """bf16 q, k (L2-normalised), v, beta = sigmoid(randn), float32 initial state, bf16 dO (NumPy)."""
+    B, T, H, D = shape
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, T, H, D), np.float32)
+    k = rng.standard_normal((B, T, H, D), np.float32)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.standard_normal((B, T, H, D), np.float32)
+    beta = 1 / (1 + np.exp(-rng.standard_normal((B, T, H), np.float32)))
+    h0 = rng.standard_normal((B, H, D, D), np.float32) * 0.1
+    do = rng.standard_normal((B, T, H, D), np.float32)
+    return q, k, v, beta, h0, do
+
+
+def jax_fns(impl):
+    def fwd(q, k, v, beta, h0):
+        return delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True, implementation=impl)
+
+    def fwd_bwd(q, k, v, beta, h0, do):
+        o, pull = jax.vjp(lambda *a: delta_rule(*a[:4], initial_state=a[4], implementation=impl)[0],
+                          q, k, v, beta, h0)
+        return o, pull(do)
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def bench_jax(impl, arrays, reps):
+    q, k, v, beta, h0, do = arrays
+    fwd, fwd_bwd = jax_fns(impl)
+    t_fwd = median_ms(lambda: fwd(q, k, v, beta, h0), reps=reps)
+    t_bwd = median_ms(lambda: fwd_bwd(q, k, v, beta, h0, do), reps=reps)
+    return t_fwd, t_bwd, np.asarray(fwd(q, k, v, beta, h0)[0].astype(jnp.float32))
+
+
+def jax_peak_gib(impl, arrays):
+    """Arguments + outputs + temporaries of the compiled forward+backward, in GiB."""
+    _, fwd_bwd = jax_fns(impl)
+    mem = fwd_bwd.lower(*arrays).compile().memory_analysis()
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**30
+
+
+def load_fla():
+    try:
+        import torch
+        from fla.ops.delta_rule import chunk_delta_rule
+        import fla
+        return torch, chunk_delta_rule, getattr(fla, "__version__", "?")
+    except Exception as err:  # fla is an optional peer, never a dependency
+        print(f"fla not importable ({type(err).__name__}: {err}); measuring without it", file=sys.stderr)
+        return None
+
+
+def bench_fla(fla, np_inputs, reps, peak=False):
+    torch, chunk_delta_rule, _ = fla
+    q, k, v, beta, h0, do = (torch.from_numpy(x).cuda() for x in np_inputs)
+    q, k, v, do = (x.to(torch.bfloat16) for x in (q, k, v, do))
+    beta = beta.to(torch.bfloat16)
+    sync = lambda _: torch.cuda.synchronize()
+    with torch.no_grad():
+        t_fwd = median_ms(lambda: chunk_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True),
+                          sync=sync, reps=reps)
+        o = chunk_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True)[0].float().cpu().numpy()
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, beta, h0)]
+
+    def fwd_bwd():
+        for x in leaves:
+            x.grad = None
+        out, _ = chunk_delta_rule(*leaves[:4], initial_state=leaves[4], output_final_state=False)
+        out.backward(do)
+        return out
+
+    t_bwd = median_ms(fwd_bwd, sync=sync, reps=reps)
+    gib = None
+    if peak:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        gib = torch.cuda.max_memory_allocated() / 2**30
+    return t_fwd, t_bwd, o, gib
+
+
+def sweep(shape, reps):
+    """Time launch choices of each Pallas kernel alone at one shape; prints and returns rows."""
+    from pallas_kernels.delta_rule.chunk_bwd import chunk_grads, chunk_state_grads
+    from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
+    from pallas_kernels.delta_rule.common import Launch, Static
+    from pallas_kernels.delta_rule.wy import wy_prepare
+
+    q, k, v, beta, h0, do = (jnp.asarray(x) for x in make_inputs(shape))
+    q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
+    st = Static(scale=shape[-1] ** -0.5, qk_l2norm=False, has_segments=False, interpret=False)
+    w, u, tm = wy_prepare(k, v, beta, None, static=st, with_t=True)
+    vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True)
+    dvn, _, dh = chunk_state_grads(q, k, w, do, None, None, static=st)
+    rows = []
+    launches = [Launch(w_, s) for w_ in (2, 4, 8) for s in (1, 2, 3)]
+    cands = {
+        "wy": lambda L, bv: wy_prepare(k, v, beta, None, static=st, launch=L),
+        "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, block_v=bv, launch=L),
+        "states": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=bv, launch=L),
+        "state_grads": lambda L, bv: chunk_state_grads(q, k, w, do, None, None, static=st, block_v=bv, launch=L),
+        "grads": lambda L, bv: chunk_grads(q, k, v, beta, tm, vn, dvn, do, h, dh, None, static=st, block_v=bv,
+                                           launch=L),
+    }
+    for name, fn in cands.items():
+        bvs = (0,) if name == "wy" else (16, 32, 64) if name != "grads" else (32, 64)
+        for bv in bvs:
+            for L in launches:
+                try:
+                    ms = median_ms(lambda: fn(L, bv), reps=reps)
+                except Exception as err:  # a launch the compiler refuses (resources) is skipped
+                    ms = float("nan")
+                    print(f"  {name} bv={bv} {L}: {type(err).__name__}", file=sys.stderr)
+                rows.append(dict(kernel=name, block_v=bv, num_warps=L.num_warps, num_stages=L.num_stages, ms=ms))
+                print(f"sweep {shape} {name:12s} bv={bv:3d} warps={L.num_warps} stages={L.num_stages}: {ms:.3f} ms",
+                      flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, no fla, no BENCHMARKS.md")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--sweep", action="store_true", help="time launch choices of each kernel first")
+    ap.add_argument("--json", help="also write the raw results to this JSON file")
+    args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu and not args.quick:
+        ap.error("the op benchmark needs a GPU (use --quick for a smoke test on this backend)")
+    gpu = jax.devices()[0].device_kind
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    fla = None if args.quick else load_fla()
+    results = dict(gpu=gpu, jax=jax.__version__, date=datetime.date.today().isoformat(), rows=[])
+    if args.sweep:
+        results["sweep"] = sweep(SHAPES[0], args.reps)
+    for shape in shapes:
+        np_in = make_inputs(shape)
+        arrays = [jnp.asarray(x) for x in np_in]
+        arrays = [x.astype(jnp.bfloat16) if i in (0, 1, 2, 5) else x for i, x in enumerate(arrays)]
+        row = dict(shape=shape)
+        row["pallas_fwd"], row["pallas_fwdbwd"], o_pl = bench_jax("pallas", arrays, args.reps)
+        row["xla_fwd"], row["xla_fwdbwd"], o_x = bench_jax("chunked", arrays, args.reps)
+        row["err_pallas_vs_xla"] = float(np.linalg.norm(o_pl - o_x) / np.linalg.norm(o_x))
+        if fla is not None:
+            row["fla_fwd"], row["fla_fwdbwd"], o_f, _ = bench_fla(fla, np_in, args.reps)
+            row["err_pallas_vs_fla"] = float(np.linalg.norm(o_pl - o_f) / np.linalg.norm(o_f))
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    if not args.quick:
+        mem = dict(shape=MEMORY_SHAPE)
+        arrays = [jnp.asarray(x) for x in make_inputs(MEMORY_SHAPE)]
+        arrays = [x.astype(jnp.bfloat16) if i in (0, 1, 2, 5) else x for i, x in enumerate(arrays)]
+        mem["pallas_gib"] = jax_peak_gib("pallas", arrays)
+        if fla is not None:
+            mem["fla_gib"] = bench_fla(fla, make_inputs(MEMORY_SHAPE), 1, peak=True)[3]
+        results["memory"] = mem
+        results["fla"] = None if fla is None else fla[2]
+    table = render(results)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if not args.quick and not args.no_write:
+        print("wrote", update_section("ops", table))
+
+
+def render(res) -> str:
+    has_fla = any("fla_fwd" in r for r in res["rows"])
+    lines = [f"## Delta-rule ops ({res['gpu']}, {res['date']})", "",
+             f"`python -m experiments.bench_ops` — jax {res['jax']}"
+             + (f", fla {res.get('fla')}" if has_fla else ", fla not importable in this run")
+             + "; bf16 inputs, with an initial state; forward+backward = gradients of q, k, v, beta and"
+             " the initial state. Milliseconds, median of the timed repetitions after warm-up;"
+             " speed-up = fla time / Pallas time (> 1 means faster than fla).", ""]
+    head = "| B, T, H, D | Pallas fwd | fla fwd | XLA fwd | fwd speed-up vs fla | Pallas fwd+bwd | fla fwd+bwd | XLA fwd+bwd | fwd+bwd speed-up vs fla | rel. err vs fla |"
+    lines += [head, "|---" * 10 + "|"]
+    for r in res["rows"]:
+        f = lambda key: f"{r[key]:.3f}" if key in r else "—"
+        ratio = lambda a, b: f"{r[a] / r[b]:.2f}×" if a in r else "—"
+        err = f"{r['err_pallas_vs_fla']:.4f}" if "err_pallas_vs_fla" in r else "—"
+        lines.append(f"| {', '.join(map(str, r['shape']))} | {f('pallas_fwd')} | {f('fla_fwd')} | {f('xla_fwd')} | "
+                     f"{ratio('fla_fwd', 'pallas_fwd')} | {f('pallas_fwdbwd')} | {f('fla_fwdbwd')} | "
+                     f"{f('xla_fwdbwd')} | {ratio('fla_fwdbwd', 'pallas_fwdbwd')} | {err} |")
+    if "memory" in res:
+        m = res["memory"]
+        fla_mem = f"{m['fla_gib']:.2f} GiB" if m.get("fla_gib") is not None else "—"
+        lines += ["", f"Peak memory of forward+backward at {tuple(m['shape'])} (inputs included): "
+                      f"Pallas {m['pallas_gib']:.2f} GiB (compiled arguments + outputs + temporaries), "
+                      f"fla {fla_mem} (torch max allocated)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
