@@ -122,7 +122,7 @@ def sweep(shape, reps):
     vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True)
     dvn, _, dh = chunk_state_grads(q, k, w, do, None, None, static=st)
     rows = []
-    launches = [Launch(w_, s) for w_ in (2, 4, 8) for s in (1, 2, 3)]
+    launches = [Launch(w_, s) for w_ in (4, 8) for s in (1, 2, 3)]
     cands = {
         "wy": lambda L, bv: wy_prepare(k, v, beta, None, static=st, launch=L),
         "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, block_v=bv, launch=L),
@@ -132,7 +132,7 @@ def sweep(shape, reps):
                                            launch=L),
     }
     for name, fn in cands.items():
-        bvs = (0,) if name == "wy" else (16, 32, 64) if name != "grads" else (32, 64)
+        bvs = (0,) if name == "wy" else (32, 64)
         for bv in bvs:
             for L in launches:
                 try:
