@@ -16,6 +16,13 @@ from deltanet_jax.model import DeltaNetConfig, DeltaNetForCausalLM, num_params
 TINY = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=48)
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """GPUs default to TF32 float32 matmuls; these tests compare against float64 NumPy at 1e-4."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _build(impl="chunked", dtype=jnp.float32, remat=False, **overrides):
     cfg = DeltaNetConfig(**{**TINY, **overrides})
     return DeltaNetForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, implementation=impl, remat=remat)

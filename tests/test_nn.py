@@ -1,5 +1,6 @@
 """Layer tests against NumPy references: norms, short convolution, MLP and the DeltaNet mixer."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +10,13 @@ from deltanet_jax.nn import (DeltaNet, GatedMLP, GatedRMSNorm, RMSNorm, ShortCon
                              mlp_intermediate_size)
 
 RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """GPUs default to TF32 float32 matmuls; these tests compare against float64 NumPy at 1e-4."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 def _silu(x):
