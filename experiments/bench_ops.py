@@ -108,35 +108,48 @@ def bench_fla(fla, np_inputs, reps, peak=False):
     return t_fwd, t_bwd, o, gib
 
 
-def sweep(shape, reps):
-    """Time launch choices of each Pallas kernel alone at one shape; prints and returns rows."""
-    from pallas_kernels.delta_rule.chunk_bwd import chunk_grads, chunk_state_grads
+SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
+    "wy": ((0,), (1, 2, 4), (1, 2)),
+    "wy_apply": ((0,), (2, 4), (1, 2)),
+    "fwd": ((32, 64), (4, 8), (1, 2, 3)),
+    "states": ((32, 64), (4, 8), (1, 2, 3)),
+    "state_grads": ((32, 64), (4, 8), (1, 2, 3)),
+    "dqkw": ((32, 64), (4, 8), (1, 2)),
+    "wy_bwd": ((64,), (2, 4, 8), (1, 2)),
+}
+
+
+def sweep(shape, reps, kernels):
+    """Time launch choices of each named Pallas kernel alone at one shape; prints and returns rows."""
+    from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
     from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
     from pallas_kernels.delta_rule.common import Launch, Static
-    from pallas_kernels.delta_rule.wy import wy_prepare
+    from pallas_kernels.delta_rule.wy import wy_apply, wy_prepare
 
     q, k, v, beta, h0, do = (jnp.asarray(x) for x in make_inputs(shape))
     q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
-    st = Static(scale=shape[-1] ** -0.5, qk_l2norm=False, has_segments=False, interpret=False)
+    st = Static(scale=shape[-1] ** -0.5, qk_l2norm=False, has_segments=False,
+                interpret=jax.default_backend() != "gpu")
     w, u, tm = wy_prepare(k, v, beta, None, static=st, with_t=True)
     vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True)
     dvn, _, dh = chunk_state_grads(q, k, w, do, None, None, static=st)
-    rows = []
-    launches = [Launch(w_, s) for w_ in (4, 8) for s in (1, 2, 3)]
+    _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st)
     cands = {
-        "wy": lambda L, bv: wy_prepare(k, v, beta, None, static=st, launch=L),
+        "wy": lambda L, bv: wy_prepare(k, v, beta, None, static=st, with_t=True, launch=L),
+        "wy_apply": lambda L, bv: wy_apply(k, v, beta, tm, static=st, launch=L),
         "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, block_v=bv, launch=L),
         "states": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=bv, launch=L),
         "state_grads": lambda L, bv: chunk_state_grads(q, k, w, do, None, None, static=st, block_v=bv, launch=L),
-        "grads": lambda L, bv: chunk_grads(q, k, v, beta, tm, vn, dvn, do, h, dh, None, static=st, block_v=bv,
-                                           launch=L),
+        "dqkw": lambda L, bv: chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=bv, launch=L),
+        "wy_bwd": lambda L, bv: wy_backward(k, v, beta, tm, dw, dvn, dkp, None, static=st, block_v=bv, launch=L),
     }
-    for name, fn in cands.items():
-        bvs = (0,) if name == "wy" else (32, 64)
+    rows = []
+    for name in kernels:
+        bvs, warps, stages = SWEEPS[name]
         for bv in bvs:
-            for L in launches:
+            for L in (Launch(w_, s_) for w_ in warps for s_ in stages):
                 try:
-                    ms = median_ms(lambda: fn(L, bv), reps=reps)
+                    ms = median_ms(lambda: cands[name](L, bv), reps=reps)
                 except Exception as err:  # a launch the compiler refuses (resources) is skipped
                     ms = float("nan")
                     print(f"  {name} bv={bv} {L}: {type(err).__name__}", file=sys.stderr)
@@ -151,7 +164,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, no fla, no BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    ap.add_argument("--sweep", action="store_true", help="time launch choices of each kernel first")
+    ap.add_argument("--sweep", nargs="*", metavar="KERNEL", choices=sorted(SWEEPS),
+                    help=f"time launch choices of these kernels first (all if none named): {', '.join(SWEEPS)}")
     ap.add_argument("--json", help="also write the raw results to this JSON file")
     args = ap.parse_args(argv)
     if args.reps < 1:
@@ -163,8 +177,8 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else SHAPES
     fla = None if args.quick else load_fla()
     results = dict(gpu=gpu, jax=jax.__version__, date=datetime.date.today().isoformat(), rows=[])
-    if args.sweep:
-        results["sweep"] = sweep(SHAPES[0], args.reps)
+    if args.sweep is not None:
+        results["sweep"] = sweep(shapes[0], args.reps, args.sweep or list(SWEEPS))
     for shape in shapes:
         np_in = make_inputs(shape)
         arrays = [jnp.asarray(x) for x in np_in]

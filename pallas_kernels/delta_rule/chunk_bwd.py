@@ -7,12 +7,12 @@
 
 and writes dV' and dS for every chunk, and the initial state's gradient.
 
-`chunk_grads`: one program per (chunk, batch, head), all chunks in parallel, turns the recomputed
-incoming states h, V', dV', dS and T = (I + A)^{-1} into dq, dk, dv, dbeta:
+`chunk_dqkw` then `wy_backward`: one program per (chunk, batch, head), all chunks in parallel, turn
+the recomputed incoming states h, V', dV', dS and T = (I + A)^{-1} into dq, dk, dv, dbeta:
 
-    dQ = dO h^T + M(dO V'^T) K,   dK = M(dO V'^T)^T Q + V' dS^T,   dW = -dV' h^T
+    dQ = dO h^T + M(dO V'^T) K,   dK = M(dO V'^T)^T Q + V' dS^T,   dW = -dV' h^T      (chunk_dqkw)
     dT = dW (beta K)^T + dV' (beta V)^T,   dA = -T^T dT T^T   (strictly lower, same segment)
-    d(beta K) = T^T dW,  d(beta V) = T^T dV',  A = diag(beta) K K^T
+    d(beta K) = T^T dW,  d(beta V) = T^T dV',  A = diag(beta) K K^T                  (wy_backward)
 """
 
 from __future__ import annotations
@@ -92,95 +92,131 @@ def chunk_state_grads(q, k, w, do, idx, dht, *, static: Static, block_v: int = 6
     )(*args)
 
 
-def _grads_kernel(*refs, static: Static, block_v: int):
-    (q_ref, k_ref, v_ref, beta_ref, t_ref, vn_ref, dvn_ref, do_ref, h_ref, dh_ref) = refs[:10]
-    idx_ref = refs[10] if static.has_segments else None
-    dq_ref, dk_ref, dv_ref, db_ref = refs[-4:]
+def _dqkw_kernel(*refs, static: Static, block_v: int):
+    q_ref, k_ref, vn_ref, dvn_ref, do_ref, h_ref, dh_ref = refs[:7]
+    idx_ref = refs[7] if static.has_segments else None
+    dq_ref, dk_ref, dw_ref = refs[-3:]
     dtype = k_ref.dtype
     f32 = jnp.float32
-    c = pl.program_id(0)
     K, V = h_ref.shape
-    q_raw = q_ref[...].astype(f32)
-    k_raw = k_ref[...].astype(f32)
-    if static.qk_l2norm:
-        q_hat, q_rstd = l2normalize(q_raw)
-        k_hat, k_rstd = l2normalize(k_raw)
-    else:
-        q_hat, k_hat = q_raw, k_raw
-    q_c = q_hat * static.scale
-    beta = beta_ref[...].astype(f32)[:, None]
-    tmat = t_ref[...]
-    attend, m_in, m_last, _ = chunk_masks(idx_ref, c, static)
+    attend, m_in, m_last, _ = chunk_masks(idx_ref, pl.program_id(0), static)
     d_p = jnp.zeros((CHUNK, CHUNK), f32)
     dq = jnp.zeros((CHUNK, K), f32)
     dk = jnp.zeros((CHUNK, K), f32)
     dw = jnp.zeros((CHUNK, K), f32)
-    dt = jnp.zeros((CHUNK, CHUNK), f32)
-    db = jnp.zeros((CHUNK,), f32)
     for j in range(V // block_v):
         cols = pl.ds(j * block_v, block_v)
-        do_t = do_ref[:, cols].astype(f32)
+        do_t = do_ref[:, cols]
         vn_t = vn_ref[:, cols]
         dvn_t = dvn_ref[:, cols]
         h_t = h_ref[:, cols]
-        v_t = v_ref[:, cols].astype(f32)
         d_p += mm(do_t, vn_t, dtype, static, "nt")
-        dq += mm(do_t if m_in is None else jnp.where(m_in, do_t, 0.0), h_t, dtype, static, "nt")
-        vn_last = vn_t if m_last is None else jnp.where(m_last, vn_t.astype(f32), 0.0)
-        dk += mm(vn_last, dh_ref[:, cols], dtype, static, "nt")
+        dq += mm(do_t if m_in is None else jnp.where(m_in, do_t, 0), h_t, dtype, static, "nt")
+        dk += mm(vn_t if m_last is None else jnp.where(m_last, vn_t, 0), dh_ref[:, cols], dtype, static, "nt")
         dw -= mm(dvn_t if m_in is None else jnp.where(m_in, dvn_t, 0.0), h_t, dtype, static, "nt")
-        dt += mm(dvn_t, v_t * beta, f32, static, "nt")
-        tdu = mm(tmat, dvn_t, f32, static, "tn")
-        dv_ref[:, cols] = (tdu * beta).astype(dv_ref.dtype)
-        db += jnp.sum(v_t * tdu, axis=1)
     d_p = jnp.where(attend, d_p, 0.0)
-    dq += mm(d_p, k_hat, dtype, static)
-    dk += mm(d_p, q_c, dtype, static, "tn")
-    dt += mm(dw, k_hat * beta, f32, static, "nt")
-    tdw = mm(tmat, dw, f32, static, "tn")
-    dk += tdw * beta
+    q_raw = q_ref[...].astype(f32)
+    q_hat, q_rstd = l2normalize(q_raw) if static.qk_l2norm else (q_raw, None)
+    k_hat = load_rows(k_ref, 0, CHUNK, static.qk_l2norm)
+    dq = (dq + mm(d_p, k_hat, dtype, static)) * static.scale
+    dk += mm(d_p, q_hat * static.scale, dtype, static, "tn")
+    if static.qk_l2norm:
+        dq = l2normalize_bwd(q_hat, q_rstd, dq)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dk_ref[...] = dk
+    dw_ref[...] = dw
+
+
+@functools.partial(jax.jit, static_argnames=("static", "block_v", "launch"))
+def chunk_dqkw(q, k, v_new, dv_new, do, h, dh, idx, *, static: Static, block_v: int = 64,
+               launch: Launch = Launch(8, 2)):
+    """Per-chunk gradients through the state scan. q, k `[B, T, H, K]`, v_new, dv_new, do
+    `[B, T, H, V]`, h, dh `[B, NT, H, K, V]`, idx `[B, T]` or None.
+
+    Returns dq `[B, T, H, K]` (q's dtype, final), and float32 `[B, T, H, K]` partial dk (with respect
+    to the normalised keys) and dW."""
+    B, T, H, K = q.shape
+    V = v_new.shape[-1]
+    bv = min(block_v, V)
+    rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda c, b, hh: (b, c, hh, 0))
+    state = pl.BlockSpec((None, None, None, K, V), lambda c, b, hh: (b, c, hh, 0, 0))
+    in_specs = [rows(K), rows(K), rows(V), rows(V), rows(V), state, state]
+    args = [q, k, v_new, dv_new, do, h, dh]
+    if static.has_segments:
+        in_specs.append(pl.BlockSpec((None, T), lambda c, b, hh: (b, 0)))
+        args.append(idx)
+    out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(k.shape, jnp.float32))
+    return pl.pallas_call(
+        functools.partial(_dqkw_kernel, static=static, block_v=bv),
+        out_shape=out_shape, grid=(T // CHUNK, B, H), in_specs=in_specs, out_specs=(rows(K), rows(K), rows(K)),
+        interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_chunk_dqkw",
+    )(*args)
+
+
+def _wy_bwd_kernel(*refs, static: Static, block_v: int):
+    k_ref, v_ref, beta_ref, t_ref, dw_ref, du_ref, dk_ref = refs[:7]
+    idx_ref = refs[7] if static.has_segments else None
+    dk_out, dv_out, db_out = refs[-3:]
+    dtype = k_ref.dtype
+    f32 = jnp.float32
+    V = v_ref.shape[-1]
+    beta = beta_ref[...].astype(f32)[:, None]
+    tmat = t_ref[...]
+    d_t = jnp.zeros((CHUNK, CHUNK), f32)
+    db = jnp.zeros((CHUNK,), f32)
+    for j in range(V // block_v):
+        cols = pl.ds(j * block_v, block_v)
+        du_t = du_ref[:, cols]
+        v_t = v_ref[:, cols].astype(f32)
+        d_t += mm(du_t, v_t * beta, dtype, static, "nt")
+        tdu = mm(tmat, du_t, dtype, static, "tn")
+        dv_out[:, cols] = (tdu * beta).astype(dv_out.dtype)
+        db += jnp.sum(v_t * tdu, axis=1)
+    k_raw = k_ref[...].astype(f32)
+    k_hat, k_rstd = l2normalize(k_raw) if static.qk_l2norm else (k_raw, None)
+    dw = dw_ref[...]
+    d_t += mm(dw, k_hat * beta, dtype, static, "nt")
+    tdw = mm(tmat, dw, dtype, static, "tn")
+    dk = dk_ref[...] + tdw * beta
     db += jnp.sum(k_hat * tdw, axis=1)
-    d_a = -mm(mm(tmat, dt, f32, static, "tn"), tmat, f32, static, "nt")
+    d_a = -mm(mm(tmat, d_t, f32, static, "tn"), tmat, f32, static, "nt")
     keep = iota2(CHUNK, CHUNK, 0) > iota2(CHUNK, CHUNK, 1)
     if static.has_segments:
-        keep = keep & attend
+        idx = idx_ref[pl.ds(pl.program_id(0) * CHUNK, CHUNK)]
+        keep = keep & (idx[:, None] == idx[None, :])
     d_a = jnp.where(keep, d_a, 0.0)
     db += jnp.sum(d_a * mm(k_hat, k_hat, dtype, static, "nt"), axis=1)
     d_ab = d_a * beta
     dk += mm(d_ab, k_hat, dtype, static) + mm(d_ab, k_hat, dtype, static, "tn")
-    dq = dq * static.scale
     if static.qk_l2norm:
-        dq = l2normalize_bwd(q_hat, q_rstd, dq)
         dk = l2normalize_bwd(k_hat, k_rstd, dk)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    db_ref[...] = db
+    dk_out[...] = dk.astype(dk_out.dtype)
+    db_out[...] = db
 
 
 @functools.partial(jax.jit, static_argnames=("static", "block_v", "launch"))
-def chunk_grads(q, k, v, beta, tmat, v_new, dv_new, do, h, dh, idx, *, static: Static, block_v: int = 64,
-                launch: Launch = Launch(8, 2)):
-    """Per-chunk gradients. q, k `[B, T, H, K]`, v, v_new, dv_new, do `[B, T, H, V]`, beta `[B, T, H]`,
-    tmat `[B, T, H, 64]` f32, h, dh `[B, NT, H, K, V]`, idx `[B, T]` or None.
+def wy_backward(k, v, beta, tmat, dw, du, dk_partial, idx, *, static: Static, block_v: int = 64,
+                launch: Launch = Launch(4, 2)):
+    """Gradients through W = T (beta K), U = T (beta V), T = (I + A)^{-1}, A = tril(diag(beta) K K^T).
 
-    Returns dq, dk `[B, T, H, K]`, dv `[B, T, H, V]` (inputs' dtype) and dbeta `[B, T, H]` f32."""
-    B, T, H, K = q.shape
+    k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, tmat `[B, T, H, 64]`, dw, dk_partial
+    `[B, T, H, K]` f32, du `[B, T, H, V]` f32, idx `[B, T]` or None.
+    Returns dk (k's dtype), dv (v's dtype) and dbeta `[B, T, H]` float32."""
+    B, T, H, K = k.shape
     V = v.shape[-1]
     bv = min(block_v, V)
-    nt = T // CHUNK
     rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda c, b, hh: (b, c, hh, 0))
-    state = pl.BlockSpec((None, None, None, K, V), lambda c, b, hh: (b, c, hh, 0, 0))
     beta_spec = pl.BlockSpec((None, CHUNK, None), lambda c, b, hh: (b, c, hh))
-    in_specs = [rows(K), rows(K), rows(V), beta_spec, rows(CHUNK), rows(V), rows(V), rows(V), state, state]
-    args = [q, k, v, beta, tmat, v_new, dv_new, do, h, dh]
+    in_specs = [rows(K), rows(V), beta_spec, rows(CHUNK), rows(K), rows(V), rows(K)]
+    args = [k, v, beta, tmat, dw, du, dk_partial]
     if static.has_segments:
         in_specs.append(pl.BlockSpec((None, T), lambda c, b, hh: (b, 0)))
         args.append(idx)
-    out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(beta.shape, jnp.float32))
-    out_specs = (rows(K), rows(K), rows(V), beta_spec)
+    out_shape = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(beta.shape, jnp.float32))
     return pl.pallas_call(
-        functools.partial(_grads_kernel, static=static, block_v=bv),
-        out_shape=out_shape, grid=(nt, B, H), in_specs=in_specs, out_specs=out_specs,
-        interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_chunk_grads",
+        functools.partial(_wy_bwd_kernel, static=static, block_v=bv),
+        out_shape=out_shape, grid=(T // CHUNK, B, H), in_specs=in_specs, out_specs=(rows(K), rows(V), beta_spec),
+        interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_bwd",
     )(*args)

@@ -93,20 +93,26 @@ def load_rows(ref, start: int, rows: int, normalize: bool = False) -> jax.Array:
     return l2normalize(x)[0] if normalize else x
 
 
-def inverse_unit_lower16(a: jax.Array) -> jax.Array:
-    """`(I + a)^{-1}` for strictly lower-triangular `a [16, 16]` (float32), by forward substitution.
+def inverse_unit_lower16(blocks: list) -> list:
+    """`(I + a)^{-1}` for each strictly lower-triangular `a [16, 16]` (float32) of `blocks`, by
+    forward substitution; the blocks advance together so their independent steps overlap.
 
     Row i of L = T - I solves L_i = -a_i - a_i L (rows of L below i are still zero).
     """
     rows = iota2(BLOCK, BLOCK, 0)
 
-    def body(i, low):
-        a_i = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)
-        l_i = -a_i - jnp.sum(a_i[:, None] * low, axis=0)
-        return jnp.where(rows == i, l_i[None, :], low)
+    def body(i, lows):
+        out = []
+        for a, low in zip(blocks, lows):
+            a_i = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)
+            l_i = -a_i - jnp.sum(a_i[:, None] * low, axis=0)
+            out.append(jnp.where(rows == i, l_i[None, :], low))
+        return tuple(out)
 
-    low = jax.lax.fori_loop(1, BLOCK, body, jnp.zeros((BLOCK, BLOCK), jnp.float32))
-    return low + (rows == iota2(BLOCK, BLOCK, 1)).astype(jnp.float32)
+    zero = jnp.zeros((BLOCK, BLOCK), jnp.float32)
+    lows = jax.lax.fori_loop(1, BLOCK, body, tuple(zero for _ in blocks))
+    eye = (rows == iota2(BLOCK, BLOCK, 1)).astype(jnp.float32)
+    return [low + eye for low in lows]
 
 
 def inverse_unit_lower_blocks(a: dict) -> dict:
@@ -115,9 +121,10 @@ def inverse_unit_lower_blocks(a: dict) -> dict:
     substitution `T_ij = -T_ii sum_{l=j}^{i-1} A_il T_lj` in exact float32 dots."""
     n = CHUNK // BLOCK
     exact = jax.lax.Precision.HIGHEST
+    diag = inverse_unit_lower16([a[i, i] for i in range(n)])
     t = {}
     for i in range(n):
-        t[i, i] = inverse_unit_lower16(a[i, i])
+        t[i, i] = diag[i]
         for j in range(i):
             acc = sum(dot(a[i, l], t[l, j], exact) for l in range(j, i))
             t[i, j] = -dot(t[i, i], acc, exact)
@@ -128,16 +135,20 @@ def inverse_unit_lower_blocks(a: dict) -> dict:
 class KernelConfig:
     """Launch choices of every kernel of one call (tile widths over V and Triton parameters)."""
     wy: Launch = Launch(4, 2)
-    fwd: Launch = Launch(4, 2)
+    fwd: Launch = Launch(4, 1)
     fwd_block_v: int = 64
-    states: Launch = Launch(4, 2)
-    state_grads: Launch = Launch(4, 2)
+    states: Launch = Launch(4, 3)
+    state_grads: Launch = Launch(4, 1)
     bwd_block_v: int = 64
-    grads: Launch = Launch(8, 2)
-    grads_block_v: int = 64
+    wy_apply: Launch = Launch(4, 2)
+    dqkw: Launch = Launch(8, 2)
+    dqkw_block_v: int = 64
+    wy_bwd: Launch = Launch(4, 2)
+    wy_bwd_block_v: int = 64
 
     @classmethod
     def for_shape(cls, k_dim: int, v_dim: int) -> "KernelConfig":
         """Defaults by head size: narrower V tiles when the float32 state `[K, BV]` grows."""
         bv = 64 if k_dim <= 128 else 32
-        return cls(fwd_block_v=min(bv, v_dim), bwd_block_v=min(bv, v_dim), grads_block_v=min(bv, v_dim))
+        bv = min(bv, v_dim)
+        return cls(fwd_block_v=bv, bwd_block_v=bv, dqkw_block_v=bv, wy_bwd_block_v=bv)

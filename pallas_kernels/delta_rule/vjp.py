@@ -1,10 +1,11 @@
 """`chunk_delta_rule`: the Pallas chunked delta rule with a custom VJP.
 
-Forward: `wy_prepare` (W, U per chunk, parallel) then `chunk_forward` (the state scan). Nothing but
-the inputs is saved for the backward pass, which recomputes W, U, T = (I + A)^{-1}, the state
-entering each chunk and V' (`wy_prepare`, `chunk_forward(states=True)`), runs the reverse state
-scan (`chunk_state_grads`) and finishes with per-chunk gradients (`chunk_grads`). The chunk states
-of the recompute live only inside the backward pass.
+Forward: `wy_prepare` (T = (I + A)^{-1}, W, U per chunk, parallel) then `chunk_forward` (the state
+scan). Saved for the backward pass: the inputs and T (float32, `[B, T, H, 64]`: O(T * C) per head).
+The backward pass recomputes W and U from T (`wy_apply`), the state entering each chunk and V'
+(`chunk_forward(states=True)`), runs the reverse state scan (`chunk_state_grads`) and finishes with
+per-chunk gradients (`chunk_dqkw`, `wy_backward`). The chunk states of the recompute live only
+inside the backward pass.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.delta_rule.chunk_bwd import chunk_grads, chunk_state_grads
+from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
 from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
 from pallas_kernels.delta_rule.common import CHUNK, KernelConfig, Static
-from pallas_kernels.delta_rule.wy import wy_prepare
+from pallas_kernels.delta_rule.wy import wy_apply, wy_prepare
 
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -34,19 +35,24 @@ def _forward(q, k, v, beta, h0, idx, static, config):
 
 
 def _delta_rule_fwd(q, k, v, beta, h0, idx, static, config):
-    return _forward(q, k, v, beta, h0, idx, static, config), (q, k, v, beta, h0, idx)
+    w, u, tmat = wy_prepare(k, v, beta, idx, static=static, with_t=True, launch=config.wy)
+    out = chunk_forward(q, k, w, u, idx, h0, static=static, block_v=config.fwd_block_v, launch=config.fwd)
+    return out, (q, k, v, beta, h0, idx, tmat)
 
 
 def _delta_rule_bwd(static, config, residuals, cotangents):
-    q, k, v, beta, h0, idx = residuals
+    q, k, v, beta, h0, idx, tmat = residuals
     do, dht = cotangents
-    w, u, tmat = wy_prepare(k, v, beta, idx, static=static, with_t=True, launch=config.wy)
+    do = do.astype(q.dtype)
+    w, u = wy_apply(k, v, beta, tmat, static=static, launch=config.wy_apply)
     v_new, _, h = chunk_forward(q, k, w, u, idx, h0, static=static, states=True,
                                 block_v=config.fwd_block_v, launch=config.states)
-    dv_new, dh0, dh = chunk_state_grads(q, k, w, do.astype(q.dtype), idx, dht, static=static,
+    dv_new, dh0, dh = chunk_state_grads(q, k, w, do, idx, dht, static=static,
                                         block_v=config.bwd_block_v, launch=config.state_grads)
-    dq, dk, dv, dbeta = chunk_grads(q, k, v, beta, tmat, v_new, dv_new, do.astype(q.dtype), h, dh, idx,
-                                    static=static, block_v=config.grads_block_v, launch=config.grads)
+    dq, dk_partial, dw = chunk_dqkw(q, k, v_new, dv_new, do, h, dh, idx, static=static,
+                                    block_v=config.dqkw_block_v, launch=config.dqkw)
+    dk, dv, dbeta = wy_backward(k, v, beta, tmat, dw, dv_new, dk_partial, idx, static=static,
+                                block_v=config.wy_bwd_block_v, launch=config.wy_bwd)
     return dq, dk, dv, dbeta, (None if h0 is None else dh0), None
 
 

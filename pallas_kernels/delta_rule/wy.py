@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.delta_rule.common import BLOCK, CHUNK, Launch, Static, inverse_unit_lower_blocks, iota2, mm
+from pallas_kernels.delta_rule.common import (BLOCK, CHUNK, Launch, Static, inverse_unit_lower_blocks, iota2,
+                                              load_rows, mm)
 
 
 def _wy_kernel(*refs, static: Static, with_t: bool):
@@ -88,3 +89,30 @@ def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, *, static: Stat
         out_shape=tuple(out_shape), grid=grid, in_specs=in_specs, out_specs=tuple(out_specs),
         interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_prepare",
     )(*args)
+
+
+def _wy_apply_kernel(k_ref, v_ref, beta_ref, t_ref, w_ref, u_ref, *, static: Static):
+    dtype = k_ref.dtype
+    beta = beta_ref[...].astype(jnp.float32)[:, None]
+    k = load_rows(k_ref, 0, CHUNK, static.qk_l2norm)
+    tmat = t_ref[...]
+    w_ref[...] = mm(tmat, k * beta, dtype, static).astype(w_ref.dtype)
+    u_ref[...] = mm(tmat, v_ref[...].astype(jnp.float32) * beta, dtype, static).astype(u_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "launch"))
+def wy_apply(k: jax.Array, v: jax.Array, beta: jax.Array, tmat: jax.Array, *, static: Static,
+             launch: Launch = Launch(4, 2)):
+    """W = T (beta K), U = T (beta V) from a saved T `[B, T, H, 64]` (float32): the backward pass's
+    cheap recompute. Returns W `[B, T, H, K]`, U `[B, T, H, V]` in k's dtype."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda c, b, h: (b, c, h, 0))
+    return pl.pallas_call(
+        functools.partial(_wy_apply_kernel, static=static),
+        out_shape=(jax.ShapeDtypeStruct((B, T, H, K), k.dtype), jax.ShapeDtypeStruct((B, T, H, V), k.dtype)),
+        grid=(T // CHUNK, B, H),
+        in_specs=[rows(K), rows(V), pl.BlockSpec((None, CHUNK, None), lambda c, b, h: (b, c, h)), rows(CHUNK)],
+        out_specs=(rows(K), rows(V)),
+        interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_apply",
+    )(k, v, beta, tmat)
