@@ -159,6 +159,16 @@ def sweep(shape, reps, kernels):
     return rows
 
 
+def parse_shapes(text: str) -> list:
+    try:
+        shapes = [tuple(int(n) for n in part.split("x")) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes must look like 8x2048x16x128[,...]; got {text!r}")
+    if any(len(sh) != 4 or min(sh) < 1 for sh in shapes):
+        raise argparse.ArgumentTypeError(f"each shape needs four positive sizes B x T x H x D; got {text!r}")
+    return shapes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median)")
@@ -167,6 +177,9 @@ def main(argv=None):
     ap.add_argument("--sweep", nargs="*", metavar="KERNEL", choices=sorted(SWEEPS),
                     help=f"time launch choices of these kernels first (all if none named): {', '.join(SWEEPS)}")
     ap.add_argument("--json", help="also write the raw results to this JSON file")
+    ap.add_argument("--shapes", type=parse_shapes, help="comma-separated BxTxHxD shapes instead of the standard"
+                    " four, e.g. 8x2048x16x128,2x8192x16x128")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory comparison")
     args = ap.parse_args(argv)
     if args.reps < 1:
         ap.error("--reps must be >= 1")
@@ -174,9 +187,12 @@ def main(argv=None):
     if not on_gpu and not args.quick:
         ap.error("the op benchmark needs a GPU (use --quick for a smoke test on this backend)")
     gpu = jax.devices()[0].device_kind
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    write = not args.quick and not args.no_write
     fla = None if args.quick else load_fla()
-    results = dict(gpu=gpu, jax=jax.__version__, date=datetime.date.today().isoformat(), rows=[])
+    results = dict(gpu=gpu, jax=jax.__version__, date=datetime.date.today().isoformat(), rows=[],
+                   command="python -m experiments.bench_ops" + "".join(" " + a for a in (argv or sys.argv[1:])),
+                   fla=None if fla is None else fla[2])
     if args.sweep is not None:
         results["sweep"] = sweep(shapes[0], args.reps, args.sweep or list(SWEEPS))
     for shape in shapes:
@@ -192,7 +208,9 @@ def main(argv=None):
             row["err_pallas_vs_fla"] = float(np.linalg.norm(o_pl - o_f) / np.linalg.norm(o_f))
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
-    if not args.quick:
+        if write:  # after every shape, so an interrupted run still leaves its measured rows
+            update_section("ops", render(results))
+    if not args.quick and not args.skip_memory:
         mem = dict(shape=MEMORY_SHAPE)
         arrays = [jnp.asarray(x) for x in make_inputs(MEMORY_SHAPE)]
         arrays = [x.astype(jnp.bfloat16) if i in (0, 1, 2, 5) else x for i, x in enumerate(arrays)]
@@ -200,20 +218,19 @@ def main(argv=None):
         if fla is not None:
             mem["fla_gib"] = bench_fla(fla, make_inputs(MEMORY_SHAPE), 1, peak=True)[3]
         results["memory"] = mem
-        results["fla"] = None if fla is None else fla[2]
     table = render(results)
     print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    if not args.quick and not args.no_write:
+    if write:
         print("wrote", update_section("ops", table))
 
 
 def render(res) -> str:
     has_fla = any("fla_fwd" in r for r in res["rows"])
     lines = [f"## Delta-rule ops ({res['gpu']}, {res['date']})", "",
-             f"`python -m experiments.bench_ops` — jax {res['jax']}"
+             f"`{res['command']}` — jax {res['jax']}"
              + (f", fla {res.get('fla')}" if has_fla else ", fla not importable in this run")
              + "; bf16 inputs, with an initial state; forward+backward = gradients of q, k, v, beta and"
              " the initial state. Milliseconds, median of the timed repetitions after warm-up;"

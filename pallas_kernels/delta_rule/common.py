@@ -134,21 +134,26 @@ def inverse_unit_lower_blocks(a: dict) -> dict:
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Launch choices of every kernel of one call (tile widths over V and Triton parameters)."""
-    wy: Launch = Launch(4, 2)
+    wy: Launch = Launch(4, 1)
     fwd: Launch = Launch(4, 1)
     fwd_block_v: int = 64
     states: Launch = Launch(4, 3)
     state_grads: Launch = Launch(4, 1)
     bwd_block_v: int = 64
-    wy_apply: Launch = Launch(4, 2)
-    dqkw: Launch = Launch(8, 2)
+    wy_apply: Launch = Launch(2, 1)
+    dqkw: Launch = Launch(8, 1)
     dqkw_block_v: int = 64
-    wy_bwd: Launch = Launch(4, 2)
+    wy_bwd: Launch = Launch(8, 1)
     wy_bwd_block_v: int = 64
 
     @classmethod
-    def for_shape(cls, k_dim: int, v_dim: int) -> "KernelConfig":
-        """Defaults by head size: narrower V tiles when the float32 state `[K, BV]` grows."""
+    def for_shape(cls, k_dim: int, v_dim: int, batch_heads: int) -> "KernelConfig":
+        """Defaults by shape. The state scans run one program per (batch, head, V-tile): narrower V
+        tiles when few (batch, head) pairs would leave SMs idle (>= 128 programs, about one wave
+        on an H100), and when the float32 state `[K, BV]` grows with K."""
         bv = 64 if k_dim <= 128 else 32
         bv = min(bv, v_dim)
-        return cls(fwd_block_v=bv, bwd_block_v=bv, dqkw_block_v=bv, wy_bwd_block_v=bv)
+        scan_bv = bv
+        while scan_bv > 16 and batch_heads * (v_dim // scan_bv) < 128:
+            scan_bv //= 2
+        return cls(fwd_block_v=scan_bv, bwd_block_v=scan_bv, dqkw_block_v=bv, wy_bwd_block_v=bv)
