@@ -3,7 +3,8 @@
 from deltanet_jax.nn.deltanet import DeltaNet, DeltaNetCache
 from deltanet_jax.nn.mlp import GatedMLP, mlp_intermediate_size
 from deltanet_jax.nn.norm import GatedRMSNorm, RMSNorm, rms_norm
-from deltanet_jax.nn.short_conv import ShortConvolution, causal_conv1d, causal_conv1d_step, segment_index
+from deltanet_jax.nn.short_conv import ShortConvolution, causal_conv1d, causal_conv1d_step
+from deltanet_jax.ops.segments import segment_index
 
 __all__ = [
     "DeltaNet", "DeltaNetCache", "GatedMLP", "GatedRMSNorm", "RMSNorm", "ShortConvolution",

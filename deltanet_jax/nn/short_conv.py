@@ -11,24 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deltanet_jax.ops.segments import segment_index
+
 _ACTIVATIONS = {None: None, "silu": jax.nn.silu, "swish": jax.nn.silu}
-
-
-def segment_index(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Packed-sequence bookkeeping, as the delta-rule ops define it.
-
-    segment_ids [B, T] (0 = padding) -> (seg_index [B, T] int32, valid [B, T] bool). seg_index is 0
-    on a row's first segment and grows by one wherever a valid token's id differs from the id of
-    the previous valid token (padding does not split a segment).
-    """
-    seg = segment_ids.astype(jnp.int32)
-    valid = seg != 0
-    pos = jnp.arange(seg.shape[1], dtype=jnp.int32)[None, :]
-    last_valid = jax.lax.cummax(jnp.where(valid, pos, -1), axis=1)
-    prev_valid = jnp.concatenate([jnp.full_like(last_valid[:, :1], -1), last_valid[:, :-1]], axis=1)
-    prev_id = jnp.take_along_axis(seg, jnp.maximum(prev_valid, 0), axis=1)
-    starts = valid & (prev_valid >= 0) & (prev_id != seg)
-    return jnp.cumsum(starts.astype(jnp.int32), axis=1), valid
 
 
 def _final_window(xe: jax.Array, keep: jax.Array, n: int) -> jax.Array:
