@@ -86,21 +86,26 @@ def test_packed_segments_equal_separate_runs(impl):
         assert np.all(np.asarray(o[b, seg[b] == 0]) == 0.0)
 
 
+def grads(impl, q, k, v, beta, s0, *, segment_ids=None, qk_l2norm=False):
+    """Gradients of a fixed random linear function of (o, final state) with respect to
+    (q, k, v, beta) and, when s0 is given, the initial state."""
+    B, T, H, V = v.shape
+    ct = jax.random.normal(jax.random.PRNGKey(9), (B, T, H, V))
+    ct_s = jax.random.normal(jax.random.PRNGKey(10), (B, H, q.shape[-1], V))
+
+    def f(q, k, v, beta, s0):
+        o, s = delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, segment_ids=segment_ids,
+                          qk_l2norm=qk_l2norm, implementation=impl)
+        return jnp.sum(o * ct) + jnp.sum(s * ct_s)
+
+    return jax.grad(f, argnums=(0, 1, 2, 3) if s0 is None else (0, 1, 2, 3, 4))(q, k, v, beta, s0)
+
+
 def test_gradients_agree():
     q, k, v, beta, s0 = make_inputs(3, 2, 80, 2, 8, 8)
     seg = jnp.asarray(random_segments(np.random.default_rng(1), 2, 80))
-    ct = jax.random.normal(jax.random.PRNGKey(9), v.shape)
-    ct_s = jax.random.normal(jax.random.PRNGKey(10), s0.shape)
-
-    def loss(impl):
-        def f(q, k, v, beta, s0):
-            o, s = delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, segment_ids=seg,
-                              qk_l2norm=True, implementation=impl)
-            return jnp.sum(o * ct) + jnp.sum(s * ct_s)
-        return f
-
-    g_rec = jax.grad(loss("recurrent"), argnums=range(5))(q, k, v, beta, s0)
-    g_chk = jax.grad(loss("chunked"), argnums=range(5))(q, k, v, beta, s0)
+    g_rec = grads("recurrent", q, k, v, beta, s0, segment_ids=seg, qk_l2norm=True)
+    g_chk = grads("chunked", q, k, v, beta, s0, segment_ids=seg, qk_l2norm=True)
     for a, b in zip(g_chk, g_rec):
         assert rel_err(a, b) < 1e-5
 

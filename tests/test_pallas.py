@@ -7,7 +7,7 @@ import pytest
 
 from deltanet_jax.ops import delta_rule
 from delta_rule_numpy import delta_rule_numpy
-from test_ops import make_inputs, rel_err
+from test_ops import grads, make_inputs, rel_err
 
 CASES = [
     # B, T, H, K, V, segments, initial state, qk_l2norm
@@ -39,20 +39,8 @@ def test_pallas_interpret_matches_reference(B, T, H, K, V, segments, with_h0, l2
     # Interpret mode runs the float32 dots exactly: errors are rounding only.
     assert rel_err(o, o_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
 
-    ct = jax.random.normal(jax.random.PRNGKey(1), o.shape)
-    ct_s = jax.random.normal(jax.random.PRNGKey(2), s.shape)
-
-    def loss(impl):
-        def f(q, k, v, beta, s0):
-            o, s = delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, segment_ids=seg,
-                              qk_l2norm=l2, implementation=impl)
-            return jnp.sum(o * ct) + jnp.sum(s * ct_s)
-        return f
-
-    args = (q, k, v, beta, s0)
-    argnums = (0, 1, 2, 3, 4) if with_h0 else (0, 1, 2, 3)
-    g = jax.grad(loss("pallas"), argnums=argnums)(*args)
-    g_ref = jax.grad(loss("chunked"), argnums=argnums)(*args)
+    g = grads("pallas", q, k, v, beta, s0, segment_ids=seg, qk_l2norm=l2)
+    g_ref = grads("chunked", q, k, v, beta, s0, segment_ids=seg, qk_l2norm=l2)
     for name, a, b in zip("q k v beta h0".split(), g, g_ref):
         assert rel_err(a, b) < 1e-5, name
 
