@@ -1,0 +1,115 @@
+"""Pretrain a DeltaNet language model.
+
+    python -m experiments.pretrain [--config PRESET_OR_FILE] [--run-dir DIR] [section.field=value ...]
+
+The default preset, tiny-shakespeare, trains a small byte-level model on the embedded corpus on a
+CPU. Re-running with the same --run-dir continues from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.resources
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_PRESET = "tiny-shakespeare"
+
+
+def preset_names() -> list[str]:
+    """Names of the JSON presets shipped in experiments/configs/."""
+    folder = importlib.resources.files("experiments").joinpath("configs")
+    return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name_or_file: str) -> tuple[str, dict[str, Any]]:
+    """(name, raw config dict) of a preset name or a JSON file path."""
+    if name_or_file in preset_names():
+        text = importlib.resources.files("experiments").joinpath("configs", name_or_file + ".json").read_text()
+        name = name_or_file
+    else:
+        path = Path(name_or_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--config {name_or_file!r} is neither a preset ({', '.join(preset_names())}) nor a JSON file"
+            )
+        text, name = path.read_text(), path.stem
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {name_or_file!r} is not valid JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config {name_or_file!r} must hold a JSON object of sections")
+    return name, raw
+
+
+def _epilog() -> str:
+    from deltanet_jax.train.config import RunConfig, override_help
+
+    defaults = RunConfig.from_dict(load_preset(DEFAULT_PRESET)[1]).to_dict()
+    lines = [
+        f"presets (--config): {', '.join(preset_names())} (default {DEFAULT_PRESET})",
+        "",
+        f"overrides (section.field=value; shown with the {DEFAULT_PRESET} value):",
+    ]
+    for key, type_name, text in override_help():
+        section, name = key.split(".", 1)
+        lines.append(f"  {key} = {json.dumps(defaults[section][name])}  ({type_name})")
+        if text:
+            lines.append(textwrap.indent(textwrap.fill(text, 72), "      "))
+    lines += [
+        "",
+        "run dir: runs/<preset>-<YYYYmmdd-HHMMSS> unless --run-dir is given; it receives config.json,",
+        "metrics.jsonl, tensorboard/, loss.png and checkpoints/. Re-running with the same --run-dir resumes.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.pretrain",
+        description="Pretrain a DeltaNet language model (byte-level).",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or JSON file (default: %(default)s)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="run directory (created, or resumed)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None):
+    """Parse, check everything, then train. Bad arguments exit with status 2 before anything is written."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from deltanet_jax.data import check_corpus
+    from deltanet_jax.train.config import ConfigError, RunConfig, apply_overrides
+    from deltanet_jax.train.mesh import check_supported, resolve_mesh_shape
+    from deltanet_jax.train.run_dir import RunDirError, plan_run_dir
+    from deltanet_jax.train.trainer import train
+
+    try:
+        name, raw = load_preset(args.config)
+        config = RunConfig.from_dict(apply_overrides(raw, args.overrides))
+        check_supported(resolve_mesh_shape(config.mesh, jax.device_count()))
+        check_corpus(config.data.corpus)
+        run_dir = args.run_dir
+        if run_dir is None:
+            run_dir = Path("runs") / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        plan = plan_run_dir(run_dir, config)
+    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    return train(config, plan, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
