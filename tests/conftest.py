@@ -1,5 +1,6 @@
 """Shared test setup: float64 available for references, GPU tests skipped without a GPU."""
 
+import deltanet_jax  # noqa: F401  (first: it sets XLA options that must precede the backend)
 import jax
 import pytest
 

@@ -26,19 +26,48 @@ def _pad_time(x: jax.Array, pad: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
+    """`(I + a)^{-1}` for strictly lower-triangular `a [..., C, C]` (C a power of two).
+
+    Recursive block inversion, bottom-up: with the inverses Ai, Di of the two diagonal halves of
+    every 2s x 2s diagonal block [[A, 0], [L, D]], its lower-left block is `-Di L Ai`. Each level
+    is two batched products; only matrix products (no triangular solve), so it differentiates,
+    batches and runs anywhere, with the stability of forward substitution.
+    """
+    C = a.shape[-1]
+    if C & (C - 1):
+        raise ValueError(f"unit_lower_inverse needs a power-of-two size, got {C}")
+    lead = a.shape[:-2]
+    t = jnp.broadcast_to(jnp.eye(C, dtype=a.dtype), a.shape)
+    s = 1
+    while s < C:
+        n = C // (2 * s)
+
+        def diag_blocks(x):  # [..., C, C] -> [..., n, 2s, 2s], the diagonal 2s x 2s blocks
+            x = x.reshape(*lead, n, 2 * s, n, 2 * s)
+            return jnp.moveaxis(jnp.diagonal(x, axis1=-4, axis2=-2), -1, -3)
+
+        ab, tb = diag_blocks(a), diag_blocks(t)
+        low = -_mm(_mm(tb[..., s:, s:], ab[..., s:, :s]), tb[..., :s, :s])
+        tb = tb.at[..., s:, :s].set(low)
+        t = jnp.einsum("...pij,pq->...piqj", tb, jnp.eye(n, dtype=a.dtype)).reshape(a.shape)
+        s *= 2
+    return t
+
+
 def prepare_wy(k: jax.Array, v: jax.Array, beta: jax.Array, same: jax.Array) -> tuple[jax.Array, jax.Array]:
     """W, U of every chunk. k `[..., C, K]`, v `[..., C, V]`, beta `[..., C]`,
     same `[..., C, C]` (tokens that may interact). Returns W `[..., C, K]`, U `[..., C, V]`."""
     C = k.shape[-2]
     kb = k * beta[..., None]
     strict = jnp.tril(jnp.ones((C, C), dtype=bool), -1)
-    a = jnp.where(strict & same, jnp.einsum("...ik,...jk->...ij", kb, k), 0.0)
-    eye = jnp.eye(C, dtype=k.dtype)
-    lhs = jnp.broadcast_to(eye + a, a.shape)
-    w = jax.lax.linalg.triangular_solve(lhs, kb, left_side=True, lower=True, unit_diagonal=True)
-    u = jax.lax.linalg.triangular_solve(lhs, v * beta[..., None], left_side=True, lower=True,
-                                        unit_diagonal=True)
-    return w, u
+    a = jnp.where(strict & same, _mm(kb, jnp.swapaxes(k, -1, -2)), 0.0)
+    t = unit_lower_inverse(a)
+    return _mm(t, kb), _mm(t, v * beta[..., None])
 
 
 def delta_rule_chunked(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, scale: float,
