@@ -1,5 +1,7 @@
-"""Flax NNX layers: RMS norms, causal short convolution, the DeltaNet mixer and the SwiGLU MLP."""
+"""Flax NNX layers: RMS norms, causal short convolution, the DeltaNet and linear-attention mixers,
+softmax attention (global / sliding) and the SwiGLU MLP."""
 
+from deltanet_jax.nn.attention import Attention, AttentionCache
 from deltanet_jax.nn.deltanet import DeltaNet, DeltaNetCache
 from deltanet_jax.nn.mlp import GatedMLP, mlp_intermediate_size
 from deltanet_jax.nn.norm import GatedRMSNorm, RMSNorm, rms_norm
@@ -7,7 +9,7 @@ from deltanet_jax.nn.short_conv import ShortConvolution, causal_conv1d, causal_c
 from deltanet_jax.ops.segments import segment_index
 
 __all__ = [
-    "DeltaNet", "DeltaNetCache", "GatedMLP", "GatedRMSNorm", "RMSNorm", "ShortConvolution",
+    "Attention", "AttentionCache", "DeltaNet", "DeltaNetCache", "GatedMLP", "GatedRMSNorm", "RMSNorm", "ShortConvolution",
     "causal_conv1d", "causal_conv1d_step", "mlp_intermediate_size", "rms_norm",
     "segment_index",
 ]
