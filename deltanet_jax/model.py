@@ -3,6 +3,10 @@
 Module tree and attribute names mirror fla's `DeltaNetForCausalLM` so checkpoints map 1:1:
 `model.embeddings`, `model.layers[i].{attn_norm, attn, mlp_norm, mlp}`, `model.norm`, `lm_head`
 (absent when `tie_word_embeddings`). Linear kernels are stored [in, out] (PyTorch's transpose).
+
+The model family: layers listed in `attn["layers"]` are softmax attention (fla's hybrids; all
+layers gives the Transformer++ baseline), the others are DeltaNet, or vanilla linear attention
+with `mixer="linear"`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deltanet_jax.nn import DeltaNet, DeltaNetCache, GatedMLP, RMSNorm, mlp_intermediate_size
+from deltanet_jax.nn import (Attention, AttentionCache, DeltaNet, DeltaNetCache, GatedMLP, LinearAttention, RMSNorm,
+                             mlp_intermediate_size)
 from deltanet_jax.nn.deltanet import QK_ACTIVATIONS, QK_NORMS
 
 # Keys an fla / Hugging Face config.json may carry that do not affect the model's math.
@@ -27,6 +32,7 @@ IGNORED_CONFIG_KEYS = frozenset({
 })
 ATTN_KEYS = frozenset({"layers", "num_heads", "num_kv_heads", "qkv_bias", "window_size", "rope_theta"})
 ATTN_MODES = ("chunk", "fused_recurrent")
+MIXERS = ("delta", "linear")
 
 
 @dataclasses.dataclass
@@ -36,7 +42,8 @@ class DeltaNetConfig:
     Math-bearing fields: hidden_size, num_hidden_layers, num_heads, expand_k, expand_v, use_gate,
     use_short_conv, conv_size, use_beta, allow_neg_eigval, qk_norm, qk_activation, hidden_ratio,
     intermediate_size, hidden_act, norm_eps, vocab_size, tie_word_embeddings, initializer_range,
-    attn. The others (attn_mode, fuse_*, use_cache, token ids, ...) are kept for round trips.
+    attn, mixer ("delta" or "linear": the token mixer of the non-attention layers; not an fla
+    field). The others (attn_mode, fuse_*, use_cache, token ids, ...) are kept for round trips.
     """
 
     vocab_size: int = 32000
@@ -61,6 +68,7 @@ class DeltaNetConfig:
     initializer_range: float = 0.02
     max_position_embeddings: int = 2048
     attn: dict[str, Any] | None = None
+    mixer: str = "delta"
     attn_mode: str = "chunk"
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -100,6 +108,7 @@ class DeltaNetConfig:
         _choice("qk_activation", self.qk_activation, QK_ACTIVATIONS)
         _choice("hidden_act", self.hidden_act, ("swish",))
         _choice("attn_mode", self.attn_mode, ATTN_MODES)
+        _choice("mixer", self.mixer, MIXERS)
         if not self.use_output_norm:
             raise ValueError("config.use_output_norm=False is not supported: the DeltaNet layer always "
                              "normalises its output per head, as fla's layer does")
@@ -111,6 +120,13 @@ class DeltaNetConfig:
                              f"a positive multiple of num_heads = {self.num_heads}")
         if self.attn is not None:
             self.attn = _validated_attn(self.attn, self.num_hidden_layers)
+            if self.hidden_size % self.attn["num_heads"]:
+                raise ValueError(f"config.attn.num_heads {self.attn['num_heads']} must divide hidden_size "
+                                 f"{self.hidden_size}")
+
+    def is_attention_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` (0-based) is softmax attention (listed in attn["layers"])."""
+        return self.attn is not None and layer_idx in self.attn["layers"]
 
     # ---- derived sizes ----------------------------------------------------------------------------
 
@@ -204,23 +220,44 @@ def _validated_attn(attn: Any, num_layers: int) -> dict[str, Any]:
 
 # ---- modules -----------------------------------------------------------------------------------------
 
-ModelCache = tuple[DeltaNetCache, ...]
+LayerCache = DeltaNetCache | AttentionCache
+ModelCache = tuple[LayerCache, ...]
+
+
+def _mixer(config: DeltaNetConfig, layer_idx: int, *, implementation: str | None, dtype: jnp.dtype,
+           param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """The token mixer of layer `layer_idx`, chosen as fla's DeltaNetBlock does (plus `mixer`)."""
+    init = nnx.initializers.normal(config.initializer_range)
+    if config.is_attention_layer(layer_idx):
+        a = config.attn
+        return Attention(config.hidden_size, a["num_heads"], num_kv_heads=a["num_kv_heads"], qkv_bias=a["qkv_bias"],
+                         window_size=a["window_size"], rope_theta=a["rope_theta"],
+                         max_position_embeddings=config.max_position_embeddings, dtype=dtype,
+                         param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+    kw = dict(expand_k=config.expand_k, expand_v=config.expand_v, use_gate=config.use_gate,
+              use_short_conv=config.use_short_conv, conv_size=config.conv_size, qk_activation=config.qk_activation,
+              qk_norm=config.qk_norm, norm_eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype,
+              kernel_init=init, rngs=rngs)
+    if config.mixer == "linear":
+        return LinearAttention(config.hidden_size, config.num_heads, **kw)
+    return DeltaNet(config.hidden_size, config.num_heads, use_beta=config.use_beta,
+                    allow_neg_eigval=config.allow_neg_eigval, implementation=implementation, **kw)
 
 
 class DeltaNetBlock(nnx.Module):
-    """Pre-norm block: `h = x + attn(attn_norm(x)); y = h + mlp(mlp_norm(h))`. x [B, T, D]."""
+    """Pre-norm block: `h = x + attn(attn_norm(x)); y = h + mlp(mlp_norm(h))`. x [B, T, D].
 
-    def __init__(self, config: DeltaNetConfig, *, implementation: str | None, dtype: jnp.dtype,
-                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    `attn` is an `Attention` for layers listed in `config.attn["layers"]`, else the DeltaNet (or
+    linear-attention) mixer.
+    """
+
+    def __init__(self, config: DeltaNetConfig, layer_idx: int = 0, *, implementation: str | None,
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(config.initializer_range)
         norm = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = RMSNorm(config.hidden_size, **norm)
-        self.attn = DeltaNet(
-            config.hidden_size, config.num_heads, expand_k=config.expand_k, expand_v=config.expand_v,
-            use_beta=config.use_beta, use_gate=config.use_gate, use_short_conv=config.use_short_conv,
-            conv_size=config.conv_size, allow_neg_eigval=config.allow_neg_eigval,
-            qk_activation=config.qk_activation, qk_norm=config.qk_norm, norm_eps=config.norm_eps,
-            implementation=implementation, dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+        self.attn = _mixer(config, layer_idx, implementation=implementation, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
         self.mlp_norm = RMSNorm(config.hidden_size, **norm)
         self.mlp = GatedMLP(config.hidden_size, hidden_ratio=config.hidden_ratio,
                             intermediate_size=config.intermediate_size, dtype=dtype, param_dtype=param_dtype,
@@ -230,12 +267,21 @@ class DeltaNetBlock(nnx.Module):
         h = x + self.attn(self.attn_norm(x), segment_ids=segment_ids)
         return h + self.mlp(self.mlp_norm(h))
 
-    def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, DeltaNetCache]:
-        a, cache = self.attn.prefill(self.attn_norm(x), segment_ids=segment_ids)
+    def init_cache(self, batch_size: int, max_length: int | None = None) -> LayerCache:
+        if isinstance(self.attn, Attention):
+            return self.attn.init_cache(batch_size, max_length)
+        return self.attn.init_cache(batch_size)
+
+    def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None,
+                max_length: int | None = None) -> tuple[jax.Array, LayerCache]:
+        if isinstance(self.attn, Attention):
+            a, cache = self.attn.prefill(self.attn_norm(x), segment_ids=segment_ids, max_length=max_length)
+        else:
+            a, cache = self.attn.prefill(self.attn_norm(x), segment_ids=segment_ids)
         h = x + a
         return h + self.mlp(self.mlp_norm(h)), cache
 
-    def step(self, x_t: jax.Array, cache: DeltaNetCache) -> tuple[jax.Array, DeltaNetCache]:
+    def step(self, x_t: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         a, cache = self.attn.step(self.attn_norm(x_t), cache)
         h = x_t + a
         return h + self.mlp(self.mlp_norm(h)), cache
@@ -250,8 +296,8 @@ class DeltaNetModel(nnx.Module):
         self.embeddings = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                     embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
         self.layers = nnx.List([
-            DeltaNetBlock(config, implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for _ in range(config.num_hidden_layers)])
+            DeltaNetBlock(config, i, implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -265,7 +311,7 @@ class DeltaNetModel(nnx.Module):
 
 
 class DeltaNetForCausalLM(nnx.Module):
-    """DeltaNet causal LM: input_ids [B, T] int -> logits [B, T, vocab] float32.
+    """DeltaNet causal LM (and its hybrids / baselines): input_ids [B, T] int -> logits [B, T, vocab] float32.
 
     `dtype` is the compute dtype, parameters are kept in `param_dtype`. `implementation` picks the
     delta-rule kernel (see `deltanet_jax.ops.delta_rule`); `remat` recomputes each block's
@@ -276,9 +322,6 @@ class DeltaNetForCausalLM(nnx.Module):
                  param_dtype: jnp.dtype = jnp.float32, implementation: str | None = None, remat: bool = False):
         if not isinstance(config, DeltaNetConfig):
             raise ValueError(f"config must be a DeltaNetConfig, got {type(config).__name__}")
-        if config.attn is not None:
-            raise ValueError("config.attn is set, but hybrid attention layers are not available in this "
-                             "version of deltanet-jax; remove `attn` for a pure DeltaNet model")
         self.config = config
         self.dtype = dtype
         self.model = DeltaNetModel(config, implementation=implementation, remat=remat, dtype=dtype,
@@ -312,15 +355,18 @@ class DeltaNetForCausalLM(nnx.Module):
 
     # ---- decoding -------------------------------------------------------------------------------
 
-    def init_cache(self, batch_size: int) -> ModelCache:
-        """Empty per-layer decoding caches."""
-        return tuple(layer.attn.init_cache(batch_size) for layer in self.model.layers)
+    def init_cache(self, batch_size: int, max_length: int | None = None) -> ModelCache:
+        """Empty per-layer decoding caches (`max_length`: KV slots of global attention layers,
+        default `max_position_embeddings`; sliding layers keep `window_size` slots)."""
+        return tuple(layer.init_cache(batch_size, max_length) for layer in self.model.layers)
 
-    def prefill(self, input_ids: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, ModelCache]:
+    def prefill(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
+                max_length: int | None = None) -> tuple[jax.Array, ModelCache]:
         """Run prompts: input_ids [B, T] -> (logits [B, T, vocab] float32, cache after the last token).
 
         Prompts of different lengths are left-padded with segment id 0 (the cache is the state of
-        each row's last segment).
+        each row's last segment). `max_length` (prompt plus generated tokens) sizes the KV caches
+        of global attention layers (default `max_position_embeddings`).
         """
         self._check_ids(input_ids, "input_ids", 2)
         if segment_ids is not None:
@@ -330,7 +376,7 @@ class DeltaNetForCausalLM(nnx.Module):
         h = self.model.embeddings(input_ids)
         caches = []
         for layer in self.model.layers:
-            h, cache = layer.prefill(h, segment_ids)
+            h, cache = layer.prefill(h, segment_ids, max_length)
             caches.append(cache)
         return self.logits(self.model.norm(h)), tuple(caches)
 

@@ -94,7 +94,7 @@ def test_config_rejects_unknown_keys_by_name():
     ("expand_k", 0), ("expand_v", 0.3), ("use_gate", "yes"), ("intermediate_size", 0), ("hidden_ratio", -2),
     ("initializer_range", 0), ("use_output_norm", False), ("attn_mode", "fused_chunk"),
     ("attn", {"num_heads": 2}), ("attn", {"layers": [5], "num_heads": 2}), ("attn", [1]), ("model_type", "llama"),
-    ("bos_token_id", -1),
+    ("bos_token_id", -1), ("mixer", "rnn"), ("attn", {"layers": [0], "num_heads": 5}),
 ])
 def test_config_rejects_bad_values_naming_the_key(key, value):
     name = {"num_heads": "expand_k"}.get(key, key)  # heads that do not divide the key dim are reported there
@@ -102,10 +102,17 @@ def test_config_rejects_bad_values_naming_the_key(key, value):
         DeltaNetConfig.from_dict({**TINY, key: value})
 
 
-def test_hybrid_attention_config_is_refused_by_the_model():
-    cfg = DeltaNetConfig(**TINY, attn={"layers": [1], "num_heads": 2})
-    with pytest.raises(ValueError, match="hybrid attention layers are not available"):
-        DeltaNetForCausalLM(cfg, rngs=nnx.Rngs(0))
+def test_layers_listed_in_attn_are_attention_as_in_fla():
+    from deltanet_jax.nn import Attention, DeltaNet, LinearAttention
+    cfg = DeltaNetConfig(**{**TINY, "num_hidden_layers": 3}, attn={"layers": [1], "num_heads": 4, "num_kv_heads": 2})
+    model = nnx.eval_shape(lambda: DeltaNetForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    kinds = [type(layer.attn) for layer in model.model.layers]
+    assert kinds == [DeltaNet, Attention, DeltaNet]
+    assert model.model.layers[1].attn.k_proj.kernel.shape == (32, 16)
+    linear = DeltaNetConfig(**TINY, mixer="linear")
+    model = nnx.eval_shape(lambda: DeltaNetForCausalLM(linear, rngs=nnx.Rngs(0)))
+    assert all(type(layer.attn) is LinearAttention and not hasattr(layer.attn, "b_proj")
+               for layer in model.model.layers)
 
 
 # ---- parameters ----------------------------------------------------------------------------------------

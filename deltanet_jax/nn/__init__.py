@@ -3,13 +3,15 @@ softmax attention (global / sliding) and the SwiGLU MLP."""
 
 from deltanet_jax.nn.attention import Attention, AttentionCache
 from deltanet_jax.nn.deltanet import DeltaNet, DeltaNetCache
+from deltanet_jax.nn.linear_attention import LinearAttention
 from deltanet_jax.nn.mlp import GatedMLP, mlp_intermediate_size
 from deltanet_jax.nn.norm import GatedRMSNorm, RMSNorm, rms_norm
 from deltanet_jax.nn.short_conv import ShortConvolution, causal_conv1d, causal_conv1d_step
 from deltanet_jax.ops.segments import segment_index
 
 __all__ = [
-    "Attention", "AttentionCache", "DeltaNet", "DeltaNetCache", "GatedMLP", "GatedRMSNorm", "RMSNorm", "ShortConvolution",
+    "Attention", "AttentionCache", "DeltaNet", "DeltaNetCache", "GatedMLP", "GatedRMSNorm", "LinearAttention",
+    "RMSNorm", "ShortConvolution",
     "causal_conv1d", "causal_conv1d_step", "mlp_intermediate_size", "rms_norm",
     "segment_index",
 ]

@@ -159,9 +159,17 @@ class DeltaNet(nnx.Module):
             x = x.astype(self.dtype)
         q, k, v, conv_state = self._project(x, segment_ids)
         beta = self._beta(x, v.dtype)
-        o, state = delta_rule(q, k, v, beta, output_final_state=output_final_state, segment_ids=segment_ids,
-                              qk_l2norm=self.qk_norm == "l2", implementation=self.implementation)
+        o, state = self._mix(q, k, v, beta, segment_ids, output_final_state)
         return self._output(o, x), state, conv_state
+
+    def _mix(self, q, k, v, beta, segment_ids, output_final_state):
+        """The sequence op: q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] -> (o, final state)."""
+        return delta_rule(q, k, v, beta, output_final_state=output_final_state, segment_ids=segment_ids,
+                          qk_l2norm=self.qk_norm == "l2", implementation=self.implementation)
+
+    def _mix_step(self, q, k, v, beta, state):
+        """The one-token op: q, k [B, H, K], v [B, H, V], beta [B, H] -> (o, new state)."""
+        return delta_rule_step(q, k, v, beta, state, qk_l2norm=self.qk_norm == "l2")
 
     # ---- public API ------------------------------------------------------------------------------
 
@@ -215,5 +223,5 @@ class DeltaNet(nnx.Module):
         v = v.reshape(b, self.num_heads, self.head_v_dim)
         q, k = self._qk_features(q, k)
         beta = self._beta(x_t, v.dtype)
-        o, state = delta_rule_step(q, k, v, beta, cache.recurrent_state, qk_l2norm=self.qk_norm == "l2")
+        o, state = self._mix_step(q, k, v, beta, cache.recurrent_state)
         return self._output(o, x_t), DeltaNetCache(state, conv_state)
