@@ -7,16 +7,15 @@ import pytest
 from flax import nnx
 
 from deltanet_jax.model import DeltaNetConfig, DeltaNetForCausalLM, num_params
-from deltanet_jax.nn import Attention, DeltaNet
 from deltanet_jax.train.config import RunConfig
 from experiments.pretrain import load_preset, preset_names
 
-TINY = dict(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_heads=4, intermediate_size=48)
+TINY = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_heads=4, intermediate_size=48)
 ATTN = dict(num_heads=4, num_kv_heads=2)
 VARIANTS = {
     "sliding-hybrid": dict(attn={"layers": [1], "window_size": 3, **ATTN}),
-    "global-hybrid": dict(attn={"layers": [0, 2], "rope_theta": 100.0, **ATTN}),
-    "transformer++": dict(attn={"layers": [0, 1, 2], "window_size": 4, **ATTN}),  # sliding everywhere
+    "global-hybrid": dict(attn={"layers": [0], "rope_theta": 100.0, **ATTN}),
+    "transformer++": dict(attn={"layers": [0, 1], "window_size": 4, **ATTN}),  # sliding everywhere
     "linear": dict(mixer="linear"),
 }
 T = 12
@@ -66,7 +65,7 @@ def _ids(shape, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(1, TINY["vocab_size"], size=shape), jnp.int32)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", ["sliding-hybrid", "global-hybrid", "transformer++"])
 def test_logits_are_causal(name):
     model = _model(name)
     ids = _ids((3, T))
@@ -77,7 +76,7 @@ def test_logits_are_causal(name):
     assert not np.allclose(a[:, cut:], b[:, cut:], atol=1e-3)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", ["sliding-hybrid", "global-hybrid", "transformer++"])
 def test_packed_segments_equal_separate_sequences(name):
     model = _model(name)
     lengths = [5, 1, 4]  # and 2 padding tokens
@@ -100,28 +99,29 @@ def test_prefill_then_decode_equals_full_forward(name):
     model = _model(name)
     ids = _ids((3, T))
     full = _logits(model, ids)
-    prompt_logits, step_logits = _prefill_decode(model, ids, None, 5, T)
+    ones = jnp.ones((3, 5), jnp.int32)  # one segment per row: the same as no segment_ids
+    prompt_logits, step_logits = _prefill_decode(model, ids, ones, 5, T)
     np.testing.assert_allclose(prompt_logits, full[:, :5], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(step_logits, full[:, 5:], rtol=1e-4, atol=1e-4)
 
 
 def test_left_padded_hybrid_prompts_decode_like_unpadded_ones():
     model = _model("sliding-hybrid")
-    lengths = [8, 2, 5]
-    seqs = [_ids((n + 4,), seed=20 + i) for i, n in enumerate(lengths)]
-    ids = jnp.stack([jnp.concatenate([jnp.zeros((8 - n,), jnp.int32), s]) for n, s in zip(lengths, seqs)])
-    seg = jnp.asarray([[0] * (8 - n) + [1] * n for n in lengths], jnp.int32)
-    prompt_logits, steps = _prefill_decode(model, ids, seg, 8, 12)
+    lengths = [5, 2, 4]
+    seqs = [_ids((n + 7,), seed=20 + i) for i, n in enumerate(lengths)]
+    ids = jnp.stack([jnp.concatenate([jnp.zeros((5 - n,), jnp.int32), s]) for n, s in zip(lengths, seqs)])
+    seg = jnp.asarray([[0] * (5 - n) + [1] * n for n in lengths], jnp.int32)
+    prompt_logits, steps = _prefill_decode(model, ids, seg, 5, T)
     ref = _logits(model, jnp.stack([jnp.concatenate([s, jnp.ones((T - len(s),), jnp.int32)]) for s in seqs]))
     for i, n in enumerate(lengths):
-        np.testing.assert_allclose(prompt_logits[i, 8 - n:], ref[i, :n], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(steps[i], ref[i, n:n + 4], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(prompt_logits[i, 5 - n:], ref[i, :n], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(steps[i], ref[i, n:n + 7], rtol=1e-4, atol=1e-4)
 
 
 def test_hybrid_cache_holds_kv_for_attention_layers_only():
     model = _model("sliding-hybrid")
     cache = model.init_cache(2, max_length=16)
-    assert [type(c).__name__ for c in cache] == ["DeltaNetCache", "AttentionCache", "DeltaNetCache"]
+    assert [type(c).__name__ for c in cache] == ["DeltaNetCache", "AttentionCache"]
     assert cache[1].k.shape == (2, 3, 2, 8)  # ring buffer of the window
     glob = _model("global-hybrid").init_cache(2, max_length=16)
     assert glob[0].k.shape == (2, 16, 2, 8)
@@ -175,10 +175,11 @@ def test_deltanet_presets_have_fla_parameter_counts(name):
     assert round(num_params(model) / 1e6, 1) == FLA_PARAMS_M[name]
 
 
-def test_transformer_pp_preset_is_attention_everywhere():
-    model = _abstract(RunConfig.from_dict(load_preset("transformer-pp-340m")[1]).model)
-    assert all(isinstance(layer.attn, Attention) for layer in model.model.layers)
-    hybrid = _abstract(RunConfig.from_dict(load_preset("deltanet-global-hybrid-340m")[1]).model)
-    kinds = [isinstance(layer.attn, Attention) for layer in hybrid.model.layers]
-    assert [i for i, k in enumerate(kinds) if k] == [1, 12]
-    assert all(isinstance(layer.attn, (Attention, DeltaNet)) for layer in hybrid.model.layers)
+def test_tiny_presets_place_attention_layers_like_the_large_ones():
+    def kinds(name):
+        model = _abstract(RunConfig.from_dict(load_preset(name)[1]).model)
+        return [type(layer.attn).__name__ for layer in model.model.layers]
+    assert kinds("tiny-shakespeare-transformer-pp") == ["Attention"] * 4
+    assert kinds("tiny-shakespeare-global-hybrid") == ["DeltaNet", "Attention", "Attention", "DeltaNet"]
+    assert kinds("tiny-shakespeare-swa-hybrid") == ["DeltaNet", "Attention"] * 2
+    assert kinds("tiny-shakespeare-linear-attention") == ["LinearAttention"] * 4
