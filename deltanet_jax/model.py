@@ -109,6 +109,8 @@ class DeltaNetConfig:
         _choice("hidden_act", self.hidden_act, ("swish",))
         _choice("attn_mode", self.attn_mode, ATTN_MODES)
         _choice("mixer", self.mixer, MIXERS)
+        if self.mixer == "linear" and self.allow_neg_eigval:
+            raise ValueError("config.allow_neg_eigval scales beta, which mixer='linear' does not have")
         if not self.use_output_norm:
             raise ValueError("config.use_output_norm=False is not supported: the DeltaNet layer always "
                              "normalises its output per head, as fla's layer does")

@@ -132,6 +132,8 @@ def test_hybrid_cache_holds_kv_for_attention_layers_only():
 def test_mixer_rejects_unknown_values():
     with pytest.raises(ValueError, match="mixer"):
         DeltaNetConfig(**TINY, mixer="mamba")
+    with pytest.raises(ValueError, match="allow_neg_eigval"):
+        DeltaNetConfig(**TINY, mixer="linear", allow_neg_eigval=True)
 
 
 # ---- presets ---------------------------------------------------------------------------------------------
