@@ -79,8 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or JSON file (default: %(default)s)")
     parser.add_argument("--run-dir", type=Path, default=None, help="run directory (created, or resumed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and the parameter count, then exit (allocates nothing)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     return parser
+
+
+def dry_run(config) -> int:
+    """Print the resolved config and the model's parameter count from abstract shapes only."""
+    from flax import nnx
+
+    from deltanet_jax.model import DeltaNetForCausalLM, num_params
+
+    abstract = nnx.eval_shape(lambda: DeltaNetForCausalLM(config.model, rngs=nnx.Rngs(0)))
+    print(json.dumps(config.to_dict(), indent=2))
+    count = num_params(abstract)
+    print(f"parameters: {count:,} ({count / 1e6:.1f}M)")
+    return count
 
 
 def main(argv: Sequence[str] | None = None):
@@ -99,6 +114,8 @@ def main(argv: Sequence[str] | None = None):
     try:
         name, raw = load_preset(args.config)
         config = RunConfig.from_dict(apply_overrides(raw, args.overrides))
+        if args.dry_run:
+            return dry_run(config)
         check_supported(resolve_mesh_shape(config.mesh, jax.device_count()))
         check_corpus(config.data.corpus)
         run_dir = args.run_dir

@@ -142,3 +142,13 @@ def test_config_file_and_missing_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(tmp_path / "absent.json"), "--run-dir", str(tmp_path / "r")])
     assert exit_info.value.code == 2 and "absent.json" in capsys.readouterr().err
+
+
+def test_dry_run_counts_parameters_and_writes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "never"
+    count = main(["--config", "deltanet-340m", "--run-dir", str(run_dir), "--dry-run"])
+    out = capsys.readouterr().out
+    assert round(count / 1e6, 1) == 374.4           # fla's count for the untied 340M model
+    assert "parameters: 374,362,112 (374.4M)" in out
+    assert json.loads(out[:out.rindex("}") + 1])["model"]["hidden_size"] == 1024
+    assert not run_dir.exists()
