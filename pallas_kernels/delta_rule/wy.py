@@ -26,15 +26,12 @@ def _wy_kernel(*refs, static: Static, with_t: bool):
     t_ref = refs[-1] if with_t else None
     dtype = k_ref.dtype
     n = CHUNK // BLOCK
-    ks = [None] * n
-    kb, vb, idx = [], [], []
+    ks, kb, vb, idx = [], [], [], []
     for i in range(n):
         rows = pl.ds(i * BLOCK, BLOCK)
-        k_i = k_ref[rows, :].astype(jnp.float32)
-        if static.qk_l2norm:
-            k_i = k_i * jax.lax.rsqrt(jnp.sum(k_i * k_i, axis=1, keepdims=True) + 1e-6)
+        k_i = load_rows(k_ref, i * BLOCK, BLOCK, static.qk_l2norm)
         b_i = beta_ref[rows].astype(jnp.float32)
-        ks[i] = k_i.astype(dtype)
+        ks.append(k_i.astype(dtype))
         kb.append((k_i * b_i[:, None]).astype(dtype))
         vb.append((v_ref[rows, :].astype(jnp.float32) * b_i[:, None]).astype(dtype))
         if static.has_segments:
