@@ -86,7 +86,8 @@ def train(
         reader = RunCheckpointer(run_dir, keep=config.checkpoint.keep)
         state, data_state, meta = reader.restore(plan.resume_step, state)
         reader.close()
-        data.set_state(data_state)
+        if data_state:  # empty for a run written from converted weights: start the data from the top
+            data.set_state(data_state)
         elapsed_before = float(meta.get("elapsed", 0.0))
     start = int(state.step)
 
