@@ -1,0 +1,102 @@
+"""MQAR generator (Zoology's multi-query associative recall) and a tiny end-to-end experiment run."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from deltanet_jax.data.synthetic import IGNORE_INDEX, MQARConfig, multiquery_ar, recall_accuracy, slot_probabilities
+
+SMALL = MQARConfig(vocab_size=64, seq_len=48, num_kv_pairs=6)
+
+
+def _rows(config, n=200, seed=0):
+    return multiquery_ar(n, config, seed=seed)
+
+
+def test_key_value_block_ranges_and_no_repeats():
+    x, y = _rows(SMALL)
+    n_pairs, half = SMALL.num_kv_pairs, SMALL.vocab_size // 2
+    assert x.shape == y.shape == (200, SMALL.seq_len) and x.dtype == y.dtype == np.int32
+    keys, values = x[:, 0:2 * n_pairs:2], x[:, 1:2 * n_pairs:2]
+    assert keys.min() >= 1 and keys.max() < half
+    assert values.min() >= half and values.max() < SMALL.vocab_size
+    for row_keys, row_values in zip(keys, values):
+        assert len(set(row_keys.tolist())) == n_pairs
+        assert len(set(row_values.tolist())) == n_pairs
+    # the key-value block carries no labels
+    assert (y[:, :2 * n_pairs] == IGNORE_INDEX).all()
+
+
+def test_queries_labels_and_zeros():
+    x, y = _rows(SMALL)
+    context = 2 * SMALL.num_kv_pairs
+    for row_x, row_y in zip(x, y):
+        pairs = dict(zip(row_x[0:context:2].tolist(), row_x[1:context:2].tolist()))
+        tail_x, tail_y = row_x[context:], row_y[context:]
+        labelled = np.flatnonzero(tail_y != IGNORE_INDEX)
+        # one query per key, each at the first position of a two-token slot
+        assert len(labelled) == SMALL.num_kv_pairs
+        assert (labelled % 2 == 0).all()
+        assert sorted(tail_x[labelled].tolist()) == sorted(pairs)
+        # the label at a query is the value paired with the queried key
+        assert [pairs[k] for k in tail_x[labelled].tolist()] == tail_y[labelled].tolist()
+        # everything else in the tail is token 0 with an ignored label
+        others = np.ones(len(tail_x), bool)
+        others[labelled] = False
+        assert (tail_x[others] == 0).all() and (tail_y[others] == IGNORE_INDEX).all()
+        # the answer never appears as an input after the block
+        assert not np.isin(tail_x, list(pairs.values())).any()
+
+
+def test_deterministic_in_seed():
+    a, b, c = _rows(SMALL, seed=3), _rows(SMALL, seed=3), _rows(SMALL, seed=4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_query_slots_follow_power_law():
+    # one query per example: its slot is a single draw from p_i ~ a * i^(a-1)
+    config = MQARConfig(vocab_size=64, seq_len=2 + 2 * 10, num_kv_pairs=1, power_a=0.3)
+    x, y = multiquery_ar(20000, config, seed=1)
+    slot = (np.argmax(y >= 0, axis=1) - 2) // 2
+    freq = np.bincount(slot, minlength=config.num_slots) / len(slot)
+    p = slot_probabilities(config.num_slots, config.power_a)
+    np.testing.assert_allclose(freq, p, atol=0.015)
+    assert freq[0] > 3 * freq[-1]
+    # a = 0.01 (the default) crowds queries towards the key-value block; a = 1 is uniform
+    near = MQARConfig(vocab_size=512, seq_len=256, num_kv_pairs=16)
+    flat = MQARConfig(vocab_size=512, seq_len=256, num_kv_pairs=16, power_a=1.0)
+    mean_pos = [float(np.nonzero(multiquery_ar(300, c, seed=2)[1] >= 0)[1].mean()) for c in (near, flat)]
+    assert mean_pos[0] < mean_pos[1] - 20
+
+
+def test_random_non_queries_option():
+    x, y = multiquery_ar(50, dataclass_replace(SMALL, random_non_queries=True), seed=0)
+    tail = x[:, 2 * SMALL.num_kv_pairs:]
+    assert (tail != 0).mean() > 0.9 and (y >= 0).sum() == 50 * SMALL.num_kv_pairs
+
+
+def dataclass_replace(config, **kw):
+    import dataclasses
+    return dataclasses.replace(config, **kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(seq_len=47), "even"),
+    (dict(seq_len=20, num_kv_pairs=6), "4 \\* num_kv_pairs"),
+    (dict(vocab_size=8, num_kv_pairs=4), "key tokens"),
+    (dict(power_a=0.0), "power_a"),
+    (dict(num_kv_pairs=0), "num_kv_pairs"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MQARConfig(**{**dict(vocab_size=64, seq_len=48, num_kv_pairs=6), **kw})
+
+
+def test_recall_accuracy():
+    y = np.array([[IGNORE_INDEX, 5, IGNORE_INDEX, 7]])
+    assert recall_accuracy(np.array([[0, 5, 0, 1]]), y) == 0.5
+    with pytest.raises(ValueError, match="shape"):
+        recall_accuracy(np.zeros((1, 3)), y)
