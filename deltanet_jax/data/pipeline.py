@@ -46,15 +46,39 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: in
 
 
 def train_iterator(
-    tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, prefetch_threads: int = 0
+    tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, prefetch_threads: int = 0,
+    workers: int = 0, process_index: int = 0, process_count: int = 1,
 ) -> grain.DatasetIterator:
     """Iterator over `train_dataset` batches with `get_state()` / `set_state()` for checkpoints.
 
-    `prefetch_threads` > 0 prepares batches in background threads (same batches, same order).
+    `prefetch_threads` > 0 prepares batches in background threads and `workers` > 0 in that many
+    processes (same batches, same order either way). With `process_count` > 1 each batch is this
+    process's rows `[p * b, (p + 1) * b)` of the global batch, b = batch_size / process_count, so
+    any number of processes together train on the same global batches.
     """
     ds = train_dataset(tokens, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    if process_count > 1:
+        ds = ds.map(ProcessRows(process_index, process_count, batch_size))
     read = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=2 * prefetch_threads)
-    return iter(ds.to_iter_dataset(read_options=read))
+    it_ds = ds.to_iter_dataset(read_options=read)
+    if workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it_ds)
+
+
+class ProcessRows:
+    """Global batch dict [B, ...] -> rows `[p * B/P, (p + 1) * B/P)` of process p of P."""
+
+    def __init__(self, process_index: int, process_count: int, batch_size: int):
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+        if batch_size % process_count:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} processes")
+        local = batch_size // process_count
+        self.rows = slice(process_index * local, (process_index + 1) * local)
+
+    def __call__(self, batch: Batch) -> Batch:
+        return {k: v[self.rows] for k, v in batch.items()}
 
 
 def validation_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, num_batches: int) -> list[Batch]:

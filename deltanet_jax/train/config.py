@@ -94,13 +94,23 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    corpus: str = _doc("embedded corpus name (tinyshakespeare) or path to a UTF-8 text file", "tinyshakespeare")
+    corpus: str = _doc("embedded corpus name (tinyshakespeare) or path to a UTF-8 text file; used when "
+                       "data.path is empty", "tinyshakespeare")
+    tokenizer: str = _doc("byte, or path to a Hugging Face tokenizer.json (for data.path: the one the "
+                          "dataset was prepared with)", "byte")
+    path: str = _doc("directory written by experiments.prepare_data (ArrayRecord shards of documents, packed "
+                     "into rows with segment ids); empty = train on data.corpus", "")
+    shuffle: bool = _doc("shuffle the documents of data.path, a new order every pass", True)
     prefetch_threads: int = _doc("threads preparing training batches ahead (0 = in the training loop)", 0)
+    workers: int = _doc("processes preparing training batches ahead (0 = none); with data.path the batches "
+                        "depend on this number", 0)
 
     def check(self) -> None:
         if not self.corpus:
             raise ConfigError("data.corpus must not be empty")
-        _at_least(self, "data", ("prefetch_threads",), 0)
+        if not self.tokenizer:
+            raise ConfigError("data.tokenizer must be 'byte' or a path to a tokenizer.json, got ''")
+        _at_least(self, "data", ("prefetch_threads", "workers"), 0)
 
 
 def _at_least(obj: Any, section: str, names: tuple[str, ...], low: float) -> None:
