@@ -23,6 +23,9 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "tokenizers>=0.20",
+        "pyarrow>=14",
+        "array-record>=0.8",
     ],
     extras_require={
         "test": ["pytest>=8", "nbformat>=5", "nbclient>=0.10", "ipykernel>=6"],
