@@ -73,7 +73,7 @@ def iter_documents(path: Path, *, text_field: str = "text", txt_documents: str =
         elif txt_documents == "line":
             yield from (line for line in text.splitlines() if line.strip())
         else:
-            yield from (block.strip("\n") for block in re.split(r"\n[ \t\r]*\n", text) if block.strip())
+            yield from (block.strip("\n") for block in re.split(r"\n(?:[ \t\r]*\n)+", text) if block.strip())
     elif suffix == ".jsonl":
         try:
             with open(path, "rb") as f:

@@ -17,6 +17,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
+from deltanet_jax.data.pipeline import worker_prefetch
 from deltanet_jax.data.token_records import decode_record
 
 Batch = dict[str, np.ndarray]
@@ -78,7 +79,7 @@ def packed_train_iterator(
     it_ds = _pack(ds.to_iter_dataset(read_options=read), seq_len)
     it_ds = it_ds.batch(batch_size, drop_remainder=True).map(finish_batch)
     if workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it_ds = worker_prefetch(it_ds, workers)
     return iter(it_ds)
 
 

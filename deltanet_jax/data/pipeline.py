@@ -62,8 +62,17 @@ def train_iterator(
     read = grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=2 * prefetch_threads)
     it_ds = ds.to_iter_dataset(read_options=read)
     if workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        it_ds = worker_prefetch(it_ds, workers)
     return iter(it_ds)
+
+
+def worker_prefetch(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+    """`ds` prepared ahead in `workers` processes (grain's mp_prefetch; each takes a slice)."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
 class ProcessRows:
