@@ -26,6 +26,7 @@ setup(
         "tokenizers>=0.20",
         "pyarrow>=14",
         "array-record>=0.8",
+        "safetensors>=0.4.3",
     ],
     extras_require={
         "test": ["pytest>=8", "nbformat>=5", "nbclient>=0.10", "ipykernel>=6"],
