@@ -209,3 +209,34 @@ def test_data_config_fields_and_checks():
                        ({"shuffle": "yes"}, "data.shuffle"), ({"path": 3}, "data.path")]:
         with pytest.raises(ConfigError, match=match):
             RunConfig.from_dict({"data": bad})
+
+
+def test_packed_rows_give_each_document_its_own_logits(tmp_path):
+    """Through the model, a segment of a packed row computes what its document alone would."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from deltanet_jax.model import DeltaNetConfig, DeltaNetForCausalLM
+
+    texts = ["the cat sat", "on a mat, then", "ran", "dogs bark at the moon"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prepare_dataset(str(tmp_path / "d.jsonl"), tmp_path / "ds", tokenizer="byte", val_fraction=0.0, progress=False)
+    paths = [s["path"] for s in read_metadata(tmp_path / "ds")["splits"]["train"]["shards"]]
+    batch = next(packed_train_iterator(paths, dtype="uint16", seq_len=16, batch_size=2, seed=0, shuffle=False))
+    config = DeltaNetConfig.from_dict({"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2, "vocab_size": 256})
+    model = DeltaNetForCausalLM(config, rngs=nnx.Rngs(0))
+    forward = nnx.jit(lambda m, ids, seg: m(ids, segment_ids=seg))
+    # Every segment alone at the start of its own row (zeros after it are padding, segment 0).
+    pieces = [(row, s) for row in range(2) for s in range(1, batch["segment_ids"][row].max() + 1)]
+    alone_ids = np.zeros((len(pieces), 16), np.int32)
+    alone_seg = np.zeros((len(pieces), 16), np.int32)
+    for i, (row, s) in enumerate(pieces):
+        ids = batch["inputs"][row][batch["segment_ids"][row] == s]
+        alone_ids[i, : len(ids)], alone_seg[i, : len(ids)] = ids, 1
+    both = forward(model, jnp.asarray(np.concatenate([batch["inputs"], alone_ids])),  # one compilation
+                   jnp.asarray(np.concatenate([batch["segment_ids"], alone_seg])))
+    packed, alone = np.asarray(both[:2]), np.asarray(both[2:])
+    assert len(pieces) >= 4
+    for i, (row, s) in enumerate(pieces):
+        mask = batch["segment_ids"][row] == s
+        np.testing.assert_allclose(packed[row][mask], alone[i, : mask.sum()], atol=2e-5, rtol=2e-5)
