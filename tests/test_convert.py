@@ -2,7 +2,6 @@
 mapping, the CLI, and refusals of bad input (nothing written)."""
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -15,8 +14,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from deltanet_jax import convert
-from deltanet_jax.convert import (config_from_fla, config_to_fla, fla_tensors, load_fla_checkpoint,
-                                  save_fla_checkpoint)
+from deltanet_jax.convert import config_from_fla, config_to_fla, load_fla_checkpoint, save_fla_checkpoint
 from deltanet_jax.model import DeltaNetConfig, DeltaNetForCausalLM
 
 TINY = dict(vocab_size=256, hidden_size=32, num_hidden_layers=4, num_heads=4, intermediate_size=48)
