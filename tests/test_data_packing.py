@@ -118,8 +118,7 @@ def test_iterator_state_round_trip(tmp_path, workers):
                                          workers=workers, prefetch_threads=1)
     it, fresh = make(), make()
     _take(it, 3)  # the state is taken mid-document
-    state = it.get_state()
-    json.dumps(state)  # goes into checkpoints as JSON
+    state = json.loads(json.dumps(it.get_state()))  # checkpoints keep it as JSON
     expected = _take(it, 8)
     fresh.set_state(state)
     for x, y in zip(expected, _take(fresh, 8)):
@@ -130,6 +129,24 @@ def test_iterator_state_round_trip(tmp_path, workers):
         assert all(len(set(x.tolist())) == 1 for x, _ in _pieces(expected))
         it.close()
         fresh.close()
+
+
+def test_state_from_json_resumes_at_every_position(tmp_path):
+    """Positions between documents included (grain's packing state holds tuples; JSON gives lists)."""
+    _, paths = _dataset(tmp_path)
+    make = lambda: packed_train_iterator(paths, dtype="uint16", seq_len=8, batch_size=1, seed=0)  # noqa: E731
+    it = make()
+    for _ in range(30):
+        state = json.loads(json.dumps(it.get_state()))
+        expected = _take(it, 2)
+        fresh = make()
+        fresh.set_state(state)
+        for x, y in zip(expected, _take(fresh, 2)):
+            np.testing.assert_array_equal(x["inputs"], y["inputs"])
+            np.testing.assert_array_equal(x["segment_ids"], y["segment_ids"])
+        it = make()
+        it.set_state(state)
+        next(it)
 
 
 def test_validation_batches_padded_and_fixed(tmp_path):

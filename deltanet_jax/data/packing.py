@@ -57,7 +57,7 @@ def shard_records(ds: grain.MapDataset, process_index: int, process_count: int) 
 def packed_train_iterator(
     paths: Sequence[str], *, dtype: str, seq_len: int, batch_size: int, seed: int, shuffle: bool = True,
     process_index: int = 0, process_count: int = 1, prefetch_threads: int = 0, workers: int = 0,
-) -> grain.DatasetIterator:
+) -> "PackedIterator":
     """Endless iterator of packed training batches {"inputs", "targets", "segment_ids"} int32
     [batch_size, seq_len] read from ArrayRecord `paths`, with `get_state()` / `set_state()`.
 
@@ -80,7 +80,45 @@ def packed_train_iterator(
     it_ds = it_ds.batch(batch_size, drop_remainder=True).map(finish_batch)
     if workers > 0:
         it_ds = worker_prefetch(it_ds, workers)
-    return iter(it_ds)
+    return PackedIterator(iter(it_ds))
+
+
+class PackedIterator:
+    """A grain iterator whose `set_state` also takes its state back from JSON.
+
+    grain's packing keeps `(start, stop)` tuples in its state and tests them against a tuple; JSON
+    returns lists, which would restore the wrong position, so lists there become tuples again.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator):
+        self._iterator = iterator
+
+    def __iter__(self) -> "PackedIterator":
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(_slices_as_tuples(state))
+
+    def close(self) -> None:
+        """Stop worker processes, if any."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def _slices_as_tuples(state):
+    if isinstance(state, dict):
+        return {k: ({f: tuple(v) for f, v in value.items()} if k == "remainder_slices" else _slices_as_tuples(value))
+                for k, value in state.items()}
+    if isinstance(state, list):
+        return [_slices_as_tuples(v) for v in state]
+    return state
 
 
 def packed_validation_batches(
