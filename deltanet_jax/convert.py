@@ -499,6 +499,7 @@ def save_fla_checkpoint(model: DeltaNetForCausalLM, directory: Path, *, dtype: s
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
             files.append(name)
+        _default_permissions(tmp)
         if directory.exists():
             directory.rmdir()  # empty (checked above)
         os.rename(tmp, directory)
@@ -506,6 +507,15 @@ def save_fla_checkpoint(model: DeltaNetForCausalLM, directory: Path, *, dtype: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return [directory / f for f in files]
+
+
+def _default_permissions(directory: Path) -> None:
+    """Give `directory` (made private by mkdtemp) and its files the modes the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def parse_size(text: str) -> int:

@@ -54,7 +54,7 @@ def _progress_bar(enabled: bool, desc: str):
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit="tensor", file=sys.stderr, leave=False)
+    bar = tqdm(desc=desc, unit="tensor", file=sys.stderr, leave=False, delay=1.0)
 
     def update(done: int, total: int, name: str) -> None:
         bar.total = total
