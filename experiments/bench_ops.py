@@ -130,16 +130,17 @@ def sweep(shape, reps, kernels):
     q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
     st = Static(scale=shape[-1] ** -0.5, qk_l2norm=False, has_segments=False,
                 interpret=jax.default_backend() != "gpu")
-    w, u, tm = wy_prepare(k, v, beta, None, static=st, with_t=True)
+    w, u, tm, p = wy_prepare(k, v, beta, None, q, static=st, with_t=True)
     vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True)
-    dvn, _, dh = chunk_state_grads(q, k, w, do, None, None, static=st)
+    dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st)
     _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st)
     cands = {
-        "wy": lambda L, bv: wy_prepare(k, v, beta, None, static=st, with_t=True, launch=L),
-        "wy_apply": lambda L, bv: wy_apply(k, v, beta, tm, static=st, launch=L),
-        "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, block_v=bv, launch=L),
+        "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L),
+        "wy_apply": lambda L, bv: wy_apply(k, v, beta, tm, q, None, static=st, launch=L),
+        "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=bv, launch=L),
         "states": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=bv, launch=L),
-        "state_grads": lambda L, bv: chunk_state_grads(q, k, w, do, None, None, static=st, block_v=bv, launch=L),
+        "state_grads": lambda L, bv: chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=bv,
+                                                       launch=L),
         "dqkw": lambda L, bv: chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=bv, launch=L),
         "wy_bwd": lambda L, bv: wy_backward(k, v, beta, tm, dw, dvn, dkp, None, static=st, block_v=bv, launch=L),
     }
@@ -157,6 +158,33 @@ def sweep(shape, reps, kernels):
                 print(f"sweep {shape} {name:12s} bv={bv:3d} warps={L.num_warps} stages={L.num_stages}: {ms:.3f} ms",
                       flush=True)
     return rows
+
+
+DECODE_SHAPES = [(1, 16, 128, 128), (32, 16, 128, 128)]  # B, H, K, V (DeltaNet 1.3B heads)
+DECODE_STEPS = 256
+
+
+def decode_us(impl: str, shape, steps: int, reps: int) -> float:
+    """Microseconds per `delta_rule_step` (qk_l2norm, bf16 q/k/v) inside one jitted loop of
+    `steps` tokens, the state carried as a decoding loop carries it."""
+    from deltanet_jax.ops import delta_rule_step
+
+    B, H, K, V = shape
+    rng = np.random.default_rng(1)
+    q, k = (jnp.asarray(rng.standard_normal((steps, B, H, K)), jnp.bfloat16) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((steps, B, H, V)), jnp.bfloat16)
+    beta = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((steps, B, H)), jnp.float32))
+
+    @jax.jit
+    def run(q, k, v, beta):
+        def body(i, carry):
+            state, acc = carry
+            o, state = delta_rule_step(q[i], k[i], v[i], beta[i], state, qk_l2norm=True, implementation=impl)
+            return state, acc + o.astype(jnp.float32)
+        init = (jnp.zeros((B, H, K, V), jnp.float32), jnp.zeros((B, H, V), jnp.float32))
+        return jax.lax.fori_loop(0, steps, body, init)
+
+    return median_ms(lambda: run(q, k, v, beta), reps=reps) * 1e3 / steps
 
 
 def parse_shapes(text: str) -> list:
@@ -180,6 +208,7 @@ def main(argv=None):
     ap.add_argument("--shapes", type=parse_shapes, help="comma-separated BxTxHxD shapes instead of the standard"
                     " four, e.g. 8x2048x16x128,2x8192x16x128")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory comparison")
+    ap.add_argument("--skip-decode", action="store_true", help="skip the decoding-step comparison")
     args = ap.parse_args(argv)
     if args.reps < 1:
         ap.error("--reps must be >= 1")
@@ -210,6 +239,13 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         if write:  # after every shape, so an interrupted run still leaves its measured rows
             update_section("ops", render(results))
+    if not args.skip_decode:
+        for shape in (DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES):
+            steps = 8 if args.quick else DECODE_STEPS
+            row = dict(shape=shape, steps=steps, xla_us=decode_us("xla", shape, steps, args.reps),
+                       pallas_us=decode_us("pallas", shape, steps, args.reps))
+            results.setdefault("decode", []).append(row)
+            print(json.dumps(row), flush=True)
     if not args.quick and not args.skip_memory:
         mem = dict(shape=MEMORY_SHAPE)
         arrays = [jnp.asarray(x) for x in make_inputs(MEMORY_SHAPE)]
@@ -250,6 +286,13 @@ def render(res) -> str:
         lines += ["", f"Peak memory of forward+backward at {tuple(m['shape'])} (inputs included): "
                       f"Pallas {m['pallas_gib']:.2f} GiB (compiled arguments + outputs + temporaries), "
                       f"fla {fla_mem} (torch max allocated)."]
+    if res.get("decode"):
+        lines += ["", "Decoding step (`delta_rule_step` with qk_l2norm, bf16 q/k/v, float32 state), microseconds"
+                      " per token inside one jitted loop:", "",
+                  "| B, H, K, V | fused XLA | Pallas kernel | faster |", "|---|---|---|---|"]
+        for r in res["decode"]:
+            best = "XLA" if r["xla_us"] <= r["pallas_us"] else "Pallas"
+            lines.append(f"| {', '.join(map(str, r['shape']))} | {r['xla_us']:.2f} | {r['pallas_us']:.2f} | {best} |")
     return "\n".join(lines) + "\n"
 
 

@@ -50,3 +50,24 @@ def test_pallas_rejects_float64():
         q, k, v, beta, _ = make_inputs(0, 1, 16, 1, 16, 16, dtype=jnp.float64)
         with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
             delta_rule(q, k, v, beta, implementation="pallas")
+
+
+@pytest.mark.parametrize("K,V,l2", [(16, 32, False), (20, 24, True)])
+def test_pallas_decode_step_matches_xla_step(K, V, l2):
+    from deltanet_jax.ops import delta_rule_step
+
+    rng = np.random.default_rng(K + V)
+    B, H = 2, 3
+    q, k = (jnp.asarray(rng.standard_normal((B, H, K)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((B, H, V)), jnp.bfloat16)
+    beta = jax.nn.sigmoid(jnp.asarray(rng.standard_normal((B, H)), jnp.float32))
+    state = jnp.asarray(rng.standard_normal((B, H, K, V)) * 0.1, jnp.float32)
+    before = np.asarray(state).copy()
+    o, s = delta_rule_step(q, k, v, beta, state, qk_l2norm=l2, implementation="pallas")
+    np.testing.assert_array_equal(np.asarray(state), before)  # the caller's state is not consumed
+    o_ref, s_ref = delta_rule_step(q, k, v, beta, state, qk_l2norm=l2, implementation="xla")
+    assert o.dtype == jnp.bfloat16 and o.shape == (B, H, V) and s.shape == (B, H, K, V)
+    assert rel_err(s, s_ref) < 1e-6
+    assert rel_err(o.astype(jnp.float32), o_ref.astype(jnp.float32)) < 1e-2  # bf16 output rounding
+    with pytest.raises(ValueError, match="implementation"):
+        delta_rule_step(q, k, v, beta, state, implementation="cuda")

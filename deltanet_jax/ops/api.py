@@ -74,20 +74,49 @@ def delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, *,
     return o.astype(out_dtype), (final_state if output_final_state else None)
 
 
+STEP_IMPLEMENTATIONS = ("xla", "pallas")
+
+
 def delta_rule_step(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, state: jax.Array, *,
                     scale: Optional[float] = None, qk_l2norm: bool = False,
-                    ) -> tuple[jax.Array, jax.Array]:
+                    implementation: Optional[str] = None) -> tuple[jax.Array, jax.Array]:
     """One decoding step: q, k `[B, H, K]`, v `[B, H, V]`, beta `[B, H]`, state `[B, H, K, V]`.
 
-    Returns `(o [B, H, V] in v's dtype, new_state [B, H, K, V] float32)`; fused by XLA on every
-    backend (a single token is a few small matrix-vector products).
+    Returns `(o [B, H, V] in v's dtype, new_state [B, H, K, V] float32)`.
+    implementation: "xla" (a few fused matrix-vector products; the default on every backend, as
+    it measured faster than the kernel on the GPU, see BENCHMARKS.md) or "pallas" (the Pallas
+    step kernel; interpreted off GPU).
     """
     check_step_args(q, k, v, beta, state)
+    impl = "xla" if implementation is None else implementation
+    if impl not in STEP_IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}; expected one of {STEP_IMPLEMENTATIONS} or None")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out_dtype = v.dtype
     dtype = _compute_dtype(q, k, v, beta, state)
+    if impl == "pallas":
+        if dtype != jnp.float32:
+            raise ValueError("the Pallas step kernel computes in float32; got float64 inputs (use 'xla')")
+        return _pallas_step(q, k, v, beta, state, scale, qk_l2norm, out_dtype)
     q, k, v, beta, state = (x.astype(dtype) for x in (q, k, v, beta, state))
     if qk_l2norm:
         q, k = reference.l2norm(q), reference.l2norm(k)
     o, state = reference.step(q, k, v, beta, state, scale)
     return o.astype(out_dtype), state
+
+
+def _pallas_step(q, k, v, beta, state, scale, qk_l2norm, out_dtype):
+    from pallas_kernels.delta_rule.recurrent import recurrent_step
+
+    K, V = q.shape[-1], v.shape[-1]
+    Kp, Vp = max(16, 1 << (K - 1).bit_length()), max(16, 1 << (V - 1).bit_length())
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    if qk_l2norm:
+        q, k = reference.l2norm(q), reference.l2norm(k)
+    pad = lambda x, axis, n: x if x.shape[axis] == n else jnp.pad(
+        x, [(0, n - x.shape[axis]) if i == axis else (0, 0) for i in range(x.ndim)])
+    q, k, v = pad(q, 2, Kp), pad(k, 2, Kp), pad(v, 2, Vp)
+    state = pad(pad(state.astype(jnp.float32), 2, Kp), 3, Vp)
+    o, state = recurrent_step(q, k, v, beta, state, scale=scale, out_dtype=out_dtype,
+                              interpret=jax.default_backend() != "gpu")
+    return o[..., :V], state[:, :, :K, :V]

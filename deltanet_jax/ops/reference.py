@@ -19,10 +19,11 @@ def l2norm(x: jax.Array, eps: float = L2NORM_EPS) -> jax.Array:
 def step(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, state: jax.Array,
          scale: float) -> tuple[jax.Array, jax.Array]:
     """One token. q, k `[..., K]`, v `[..., V]`, beta `[...]`, state `[..., K, V]`."""
-    v_old = jnp.einsum("...kv,...k->...v", state, k)
+    exact = jax.lax.Precision.HIGHEST  # matrix-vector products: full float32 costs nothing here
+    v_old = jnp.einsum("...kv,...k->...v", state, k, precision=exact)
     delta = beta[..., None] * (v - v_old)
     state = state + k[..., :, None] * delta[..., None, :]
-    o = jnp.einsum("...kv,...k->...v", state, q * scale)
+    o = jnp.einsum("...kv,...k->...v", state, q * scale, precision=exact)
     return o, state
 
 

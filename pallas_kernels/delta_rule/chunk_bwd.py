@@ -3,7 +3,7 @@
 `chunk_state_grads`: one program per (V-tile, batch, head) walks the chunks in reverse with
 `dS [K, BV]` (gradient of the state leaving the chunk) in float32:
 
-    dV' = tril(Q K^T)^T dO + K dS,    dS <- dS + Q^T dO - W^T dV'      (Q already scaled)
+    dV' = P^T dO + K dS,    dS <- dS + Q^T dO - W^T dV'      (Q already scaled, P = tril(Q K^T))
 
 and writes dV' and dS for every chunk, and the initial state's gradient.
 
@@ -29,8 +29,8 @@ from pallas_kernels.delta_rule.common import (CHUNK, Launch, Static, iota2, l2no
 
 
 def _state_grads_kernel(*refs, static: Static, has_dht: bool, n_chunks: int):
-    q_ref, k_ref, w_ref, do_ref = refs[:4]
-    pos = 4
+    q_ref, k_ref, w_ref, do_ref, p_ref = refs[:5]
+    pos = 5
     idx_ref = refs[pos] if static.has_segments else None
     pos += static.has_segments
     dht_ref = refs[pos] if has_dht else None
@@ -46,11 +46,10 @@ def _state_grads_kernel(*refs, static: Static, has_dht: bool, n_chunks: int):
         q_c = load_rows(q_ref, c * CHUNK, CHUNK, static.qk_l2norm) * static.scale
         k_c = load_rows(k_ref, c * CHUNK, CHUNK, static.qk_l2norm)
         do_c = do_ref[rows, :].astype(jnp.float32)
-        attend, m_in, m_last, carry = chunk_masks(idx_ref, c, static)
+        _, m_in, m_last, carry = chunk_masks(idx_ref, c, static)
         dh_ref[c] = ds.astype(dh_ref.dtype)
-        scores = jnp.where(attend, mm(q_c, k_c, dtype, static, "nt"), 0.0)
         kds = mm(k_c, ds, dtype, static)
-        dv = mm(scores, do_c, dtype, static, "tn") + (kds if m_last is None else jnp.where(m_last, kds, 0.0))
+        dv = mm(p_ref[rows, :], do_c, dtype, static, "tn") + (kds if m_last is None else jnp.where(m_last, kds, 0.0))
         dv_ref[rows, :] = dv
         if m_in is not None:
             do_c, dv = jnp.where(m_in, do_c, 0.0), jnp.where(m_in, dv, 0.0)
@@ -61,9 +60,10 @@ def _state_grads_kernel(*refs, static: Static, has_dht: bool, n_chunks: int):
 
 
 @functools.partial(jax.jit, static_argnames=("static", "block_v", "launch"))
-def chunk_state_grads(q, k, w, do, idx, dht, *, static: Static, block_v: int = 64,
+def chunk_state_grads(q, k, w, do, p, idx, dht, *, static: Static, block_v: int = 64,
                       launch: Launch = Launch(4, 2)):
-    """q, k, w `[B, T, H, K]`, do `[B, T, H, V]`, idx `[B, T]` or None, dht `[B, H, K, V]` or None.
+    """q, k, w `[B, T, H, K]`, do `[B, T, H, V]`, p `[B, T, H, 64]` (the chunks' P = scale tril(Q K^T)),
+    idx `[B, T]` or None, dht `[B, H, K, V]` or None.
 
     Returns `(dv_new [B, T, H, V] f32, dh0 [B, H, K, V] f32, dh [B, NT, H, K, V])` where dh[:, c]
     is the gradient of the state leaving chunk c."""
@@ -74,7 +74,8 @@ def chunk_state_grads(q, k, w, do, idx, dht, *, static: Static, block_v: int = 6
     seq = pl.BlockSpec((None, T, None, K), lambda j, b, h: (b, 0, h, 0))
     tile = pl.BlockSpec((None, T, None, bv), lambda j, b, h: (b, 0, h, j))
     kv = pl.BlockSpec((None, None, K, bv), lambda j, b, h: (b, h, 0, j))
-    in_specs, args = [seq, seq, seq, tile], [q, k, w, do]
+    in_specs = [seq, seq, seq, tile, pl.BlockSpec((None, T, None, CHUNK), lambda j, b, h: (b, 0, h, 0))]
+    args = [q, k, w, do, p]
     if static.has_segments:
         in_specs.append(pl.BlockSpec((None, T), lambda j, b, h: (b, 0)))
         args.append(idx)

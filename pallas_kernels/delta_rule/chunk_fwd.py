@@ -1,7 +1,9 @@
 """Inter-chunk forward pass: one program per (V-tile, batch, head) walks the chunks in order with
 the state `S [K, BV]` in float32:
 
-    V' = U - W S,   O = scale (Q S + tril(Q K^T) V'),   S <- S + K^T V'
+    V' = U - W S,   O = scale Q S + P V',   S <- S + K^T V'
+
+where P = scale tril(Q K^T) comes precomputed per chunk (`wy_prepare`), so no V-tile redoes it.
 
 With segments: tokens outside the incoming segment see S = 0, tril(Q K^T) only links tokens of one
 segment, and a chunk where a segment starts passes on only its last segment's contribution.
@@ -34,7 +36,8 @@ def chunk_masks(idx_ref, c, static: Static):
 
 def _fwd_kernel(*refs, static: Static, has_h0: bool, has_out: bool, states: bool, n_chunks: int):
     q_ref, k_ref, w_ref, u_ref = refs[:4]
-    pos = 4
+    p_ref = None if states else refs[4]
+    pos = 4 + (not states)
     idx_ref = refs[pos] if static.has_segments else None
     pos += static.has_segments
     h0_ref = refs[pos] if has_h0 else None
@@ -48,7 +51,7 @@ def _fwd_kernel(*refs, static: Static, has_h0: bool, has_out: bool, states: bool
     def body(c, state):
         rows = pl.ds(c * CHUNK, CHUNK)
         k_c = load_rows(k_ref, c * CHUNK, CHUNK, static.qk_l2norm)
-        attend, m_in, m_last, carry = chunk_masks(idx_ref, c, static)
+        _, m_in, m_last, carry = chunk_masks(idx_ref, c, static)
         if states:
             h_ref[c] = state.astype(h_ref.dtype)
         ws = mm(w_ref[rows, :], state, dtype, static)
@@ -58,8 +61,7 @@ def _fwd_kernel(*refs, static: Static, has_h0: bool, has_out: bool, states: bool
         else:
             q_c = load_rows(q_ref, c * CHUNK, CHUNK, static.qk_l2norm) * static.scale
             qs = mm(q_c, state, dtype, static)
-            scores = jnp.where(attend, mm(q_c, k_c, dtype, static, "nt"), 0.0)
-            o = (qs if m_in is None else jnp.where(m_in, qs, 0.0)) + mm(scores, v_new, dtype, static)
+            o = (qs if m_in is None else jnp.where(m_in, qs, 0.0)) + mm(p_ref[rows, :], v_new, dtype, static)
             out_ref[rows, :] = o.astype(out_ref.dtype)
         contrib = v_new if m_last is None else jnp.where(m_last, v_new, 0.0)
         kept = state if carry is None else jnp.where(carry, state, 0.0)
@@ -69,10 +71,11 @@ def _fwd_kernel(*refs, static: Static, has_h0: bool, has_out: bool, states: bool
 
 
 @functools.partial(jax.jit, static_argnames=("static", "states", "block_v", "launch"))
-def chunk_forward(q, k, w, u, idx, h0, *, static: Static, states: bool = False, block_v: int = 64,
+def chunk_forward(q, k, w, u, idx, h0, p=None, *, static: Static, states: bool = False, block_v: int = 64,
                   launch: Launch = Launch(4, 2), out=None):
     """q, k, w `[B, T, H, K]`, u `[B, T, H, V]` (one dtype), idx `[B, T]` int32 or None,
-    h0 `[B, H, K, V]` float32 or None; T % 64 == 0.
+    h0 `[B, H, K, V]` float32 or None, p `[B, T, H, 64]` (the chunks' P, needed unless `states`);
+    T % 64 == 0.
 
     Returns `(o [B, T, H, V], final_state [B, H, K, V] f32)`, or with `states=True`
     `(v_new [B, T, H, V], final_state, h [B, NT, H, K, V])` where h[:, c] is the state entering chunk c.
@@ -88,6 +91,11 @@ def chunk_forward(q, k, w, u, idx, h0, *, static: Static, states: bool = False, 
     tile = pl.BlockSpec((None, T, None, bv), lambda j, b, h: (b, 0, h, j))
     kv = pl.BlockSpec((None, None, K, bv), lambda j, b, h: (b, h, 0, j))
     in_specs, args = [seq(K), seq(K), seq(K), tile], [q, k, w, u]
+    if not states:
+        if p is None:
+            raise ValueError("chunk_forward needs the chunks' P unless states=True")
+        in_specs.append(seq(CHUNK))
+        args.append(p)
     if static.has_segments:
         in_specs.append(pl.BlockSpec((None, T), lambda j, b, h: (b, 0)))
         args.append(idx)

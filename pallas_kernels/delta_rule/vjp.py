@@ -1,8 +1,8 @@
 """`chunk_delta_rule`: the Pallas chunked delta rule with a custom VJP.
 
-Forward: `wy_prepare` (T = (I + A)^{-1}, W, U per chunk, parallel) then `chunk_forward` (the state
-scan). Saved for the backward pass: the inputs and T (float32, `[B, T, H, 64]`: O(T * C) per head).
-The backward pass recomputes W and U from T (`wy_apply`), the state entering each chunk and V'
+Forward: `wy_prepare` (T = (I + A)^{-1}, W, U and P = scale tril(Q K^T) per chunk, parallel) then
+`chunk_forward` (the state scan). Saved for the backward pass: the inputs and T (float32, `[B, T, H, 64]`: O(T * C) per head).
+The backward pass recomputes W, U and P from T (`wy_apply`), the state entering each chunk and V'
 (`chunk_forward(states=True)`), runs the reverse state scan (`chunk_state_grads`) and finishes with
 per-chunk gradients (`chunk_dqkw`, `wy_backward`). The chunk states of the recompute live only
 inside the backward pass.
@@ -30,13 +30,13 @@ def _delta_rule(q, k, v, beta, h0, idx, static: Static, config: KernelConfig):
 
 
 def _forward(q, k, v, beta, h0, idx, static, config):
-    w, u = wy_prepare(k, v, beta, idx, static=static, launch=config.wy)
-    return chunk_forward(q, k, w, u, idx, h0, static=static, block_v=config.fwd_block_v, launch=config.fwd)
+    w, u, p = wy_prepare(k, v, beta, idx, q, static=static, launch=config.wy)
+    return chunk_forward(q, k, w, u, idx, h0, p, static=static, block_v=config.fwd_block_v, launch=config.fwd)
 
 
 def _delta_rule_fwd(q, k, v, beta, h0, idx, static, config):
-    w, u, tmat = wy_prepare(k, v, beta, idx, static=static, with_t=True, launch=config.wy)
-    out = chunk_forward(q, k, w, u, idx, h0, static=static, block_v=config.fwd_block_v, launch=config.fwd)
+    w, u, tmat, p = wy_prepare(k, v, beta, idx, q, static=static, with_t=True, launch=config.wy)
+    out = chunk_forward(q, k, w, u, idx, h0, p, static=static, block_v=config.fwd_block_v, launch=config.fwd)
     return out, (q, k, v, beta, h0, idx, tmat)
 
 
@@ -44,10 +44,10 @@ def _delta_rule_bwd(static, config, residuals, cotangents):
     q, k, v, beta, h0, idx, tmat = residuals
     do, dht = cotangents
     do = do.astype(q.dtype)
-    w, u = wy_apply(k, v, beta, tmat, static=static, launch=config.wy_apply)
+    w, u, p = wy_apply(k, v, beta, tmat, q, idx, static=static, launch=config.wy_apply)
     v_new, _, h = chunk_forward(q, k, w, u, idx, h0, static=static, states=True,
                                 block_v=config.fwd_block_v, launch=config.states)
-    dv_new, dh0, dh = chunk_state_grads(q, k, w, do, idx, dht, static=static,
+    dv_new, dh0, dh = chunk_state_grads(q, k, w, do, p, idx, dht, static=static,
                                         block_v=config.bwd_block_v, launch=config.state_grads)
     dq, dk_partial, dw = chunk_dqkw(q, k, v_new, dv_new, do, h, dh, idx, static=static,
                                     block_v=config.dqkw_block_v, launch=config.dqkw)

@@ -3,8 +3,10 @@
     A = tril(diag(beta) K K^T, -1)   (masked to same-segment pairs)
     T = (I + A)^{-1}                 (float32, 16x16 forward substitution + block merge)
     W = T (beta K),  U = T (beta V)
+    P = scale * tril(Q K^T)          (masked to same-segment pairs; with Q given)
 
-Optionally writes T (float32 `[B, T, H, C]`, row-major per chunk) for the backward pass.
+Optionally writes T (float32 `[B, T, H, C]`, row-major per chunk) for the backward pass. P is the
+intra-chunk attention the state scans would otherwise recompute for every V-tile.
 """
 
 from __future__ import annotations
@@ -19,11 +21,27 @@ from pallas_kernels.delta_rule.common import (BLOCK, CHUNK, Launch, Static, inve
                                               load_rows, mm)
 
 
-def _wy_kernel(*refs, static: Static, with_t: bool):
+def intra_chunk_scores(q_ref, k_ref, idx, static: Static) -> jax.Array:
+    """P = scale * (Q K^T) of one chunk, float32 `[C, C]`, zero above the diagonal and between
+    tokens of different segments (`idx [C]` or None)."""
+    q = load_rows(q_ref, 0, CHUNK, static.qk_l2norm) * static.scale
+    k = load_rows(k_ref, 0, CHUNK, static.qk_l2norm)
+    keep = iota2(CHUNK, CHUNK, 0) >= iota2(CHUNK, CHUNK, 1)
+    if idx is not None:
+        keep = keep & (idx[:, None] == idx[None, :])
+    return jnp.where(keep, mm(q, k, k_ref.dtype, static, "nt"), 0.0)
+
+
+def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool):
     k_ref, v_ref, beta_ref = refs[:3]
-    idx_ref = refs[3] if static.has_segments else None
-    w_ref, u_ref = refs[-3:-1] if with_t else refs[-2:]
-    t_ref = refs[-1] if with_t else None
+    pos = 3
+    q_ref = refs[pos] if with_p else None
+    pos += with_p
+    idx_ref = refs[pos] if static.has_segments else None
+    outs = list(refs[pos + static.has_segments:])
+    w_ref, u_ref = outs[:2]
+    t_ref = outs[2] if with_t else None
+    p_ref = outs[-1] if with_p else None
     dtype = k_ref.dtype
     n = CHUNK // BLOCK
     ks, kb, vb, idx = [], [], [], []
@@ -57,14 +75,19 @@ def _wy_kernel(*refs, static: Static, with_t: bool):
             for j in range(n):
                 block = t[i, j] if j <= i else jnp.zeros((BLOCK, BLOCK), jnp.float32)
                 t_ref[rows, pl.ds(j * BLOCK, BLOCK)] = block
+    if with_p:
+        p_ref[...] = intra_chunk_scores(q_ref, k_ref, idx_ref[...] if static.has_segments else None,
+                                        static).astype(p_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "with_t", "launch"))
-def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, *, static: Static, with_t: bool = False,
-               launch: Launch = Launch(4, 2)):
-    """k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, idx `[B, T]` int32 or None, T % 64 == 0.
+def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, q=None, *, static: Static,
+               with_t: bool = False, launch: Launch = Launch(4, 2)):
+    """k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, idx `[B, T]` int32 or None, T % 64 == 0,
+    q `[B, T, H, K]` or None.
 
-    Returns W `[B, T, H, K]`, U `[B, T, H, V]` in k's dtype (and T `[B, T, H, 64]` float32)."""
+    Returns W `[B, T, H, K]`, U `[B, T, H, V]` in k's dtype, then T `[B, T, H, 64]` float32 if
+    `with_t`, then P `[B, T, H, 64]` in q's dtype if q is given."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     grid = (T // CHUNK, B, H)
@@ -72,6 +95,9 @@ def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, *, static: Stat
                 pl.BlockSpec((None, CHUNK, None, V), lambda c, b, h: (b, c, h, 0)),
                 pl.BlockSpec((None, CHUNK, None), lambda c, b, h: (b, c, h))]
     args = [k, v, beta]
+    if q is not None:
+        in_specs.append(pl.BlockSpec((None, CHUNK, None, K), lambda c, b, h: (b, c, h, 0)))
+        args.append(q)
     if static.has_segments:
         in_specs.append(pl.BlockSpec((None, CHUNK), lambda c, b, h: (b, c)))
         args.append(idx)
@@ -81,35 +107,49 @@ def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, *, static: Stat
     if with_t:
         out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), jnp.float32))
         out_specs.append(pl.BlockSpec((None, CHUNK, None, CHUNK), lambda c, b, h: (b, c, h, 0)))
+    if q is not None:
+        out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), q.dtype))
+        out_specs.append(pl.BlockSpec((None, CHUNK, None, CHUNK), lambda c, b, h: (b, c, h, 0)))
     return pl.pallas_call(
-        functools.partial(_wy_kernel, static=static, with_t=with_t),
+        functools.partial(_wy_kernel, static=static, with_t=with_t, with_p=q is not None),
         out_shape=tuple(out_shape), grid=grid, in_specs=in_specs, out_specs=tuple(out_specs),
         interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_prepare",
     )(*args)
 
 
-def _wy_apply_kernel(k_ref, v_ref, beta_ref, t_ref, w_ref, u_ref, *, static: Static):
+def _wy_apply_kernel(*refs, static: Static):
+    k_ref, v_ref, beta_ref, t_ref, q_ref = refs[:5]
+    idx_ref = refs[5] if static.has_segments else None
+    w_ref, u_ref, p_ref = refs[-3:]
     dtype = k_ref.dtype
     beta = beta_ref[...].astype(jnp.float32)[:, None]
     k = load_rows(k_ref, 0, CHUNK, static.qk_l2norm)
     tmat = t_ref[...]
     w_ref[...] = mm(tmat, k * beta, dtype, static).astype(w_ref.dtype)
     u_ref[...] = mm(tmat, v_ref[...].astype(jnp.float32) * beta, dtype, static).astype(u_ref.dtype)
+    p_ref[...] = intra_chunk_scores(q_ref, k_ref, idx_ref[...] if static.has_segments else None,
+                                    static).astype(p_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "launch"))
-def wy_apply(k: jax.Array, v: jax.Array, beta: jax.Array, tmat: jax.Array, *, static: Static,
-             launch: Launch = Launch(4, 2)):
-    """W = T (beta K), U = T (beta V) from a saved T `[B, T, H, 64]` (float32): the backward pass's
-    cheap recompute. Returns W `[B, T, H, K]`, U `[B, T, H, V]` in k's dtype."""
+def wy_apply(k: jax.Array, v: jax.Array, beta: jax.Array, tmat: jax.Array, q: jax.Array, idx, *,
+             static: Static, launch: Launch = Launch(4, 2)):
+    """W = T (beta K), U = T (beta V) from a saved T `[B, T, H, 64]` (float32), and P = scale *
+    tril(Q K^T): the backward pass's cheap recompute. Returns W `[B, T, H, K]`, U `[B, T, H, V]` in
+    k's dtype and P `[B, T, H, 64]` in q's dtype."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     rows = lambda d: pl.BlockSpec((None, CHUNK, None, d), lambda c, b, h: (b, c, h, 0))
+    in_specs = [rows(K), rows(V), pl.BlockSpec((None, CHUNK, None), lambda c, b, h: (b, c, h)), rows(CHUNK),
+                rows(K)]
+    args = [k, v, beta, tmat, q]
+    if static.has_segments:
+        in_specs.append(pl.BlockSpec((None, CHUNK), lambda c, b, h: (b, c)))
+        args.append(idx)
     return pl.pallas_call(
         functools.partial(_wy_apply_kernel, static=static),
-        out_shape=(jax.ShapeDtypeStruct((B, T, H, K), k.dtype), jax.ShapeDtypeStruct((B, T, H, V), k.dtype)),
-        grid=(T // CHUNK, B, H),
-        in_specs=[rows(K), rows(V), pl.BlockSpec((None, CHUNK, None), lambda c, b, h: (b, c, h)), rows(CHUNK)],
-        out_specs=(rows(K), rows(V)),
+        out_shape=(jax.ShapeDtypeStruct((B, T, H, K), k.dtype), jax.ShapeDtypeStruct((B, T, H, V), k.dtype),
+                   jax.ShapeDtypeStruct((B, T, H, CHUNK), q.dtype)),
+        grid=(T // CHUNK, B, H), in_specs=in_specs, out_specs=(rows(K), rows(V), rows(CHUNK)),
         interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_apply",
-    )(k, v, beta, tmat)
+    )(*args)
