@@ -294,19 +294,28 @@ def check_fla_tensors(config: DeltaNetConfig, infos: Mapping[str, TensorInfo]) -
     return specs
 
 
-def _read_tensor(f, info: TensorInfo, name: str) -> np.ndarray:
-    try:
-        return f.get_tensor(name)
-    except Exception:
-        if info.dtype != "BF16":
-            raise
-    # Older safetensors releases cannot hand bfloat16 to NumPy: decode the raw bytes instead.
-    from safetensors import deserialize
+class _FileReader:
+    """Tensors of one safetensors file as NumPy arrays.
 
-    for key, view in deserialize(info.file.read_bytes()):
-        if key == name:
-            return np.frombuffer(view["data"], dtype=ml_dtypes.bfloat16).reshape(view["shape"])
-    raise ValueError(f"tensor {name} vanished from {info.file}")
+    Older safetensors releases cannot hand bfloat16 to NumPy; for those the file's raw bytes are
+    decoded once (`safetensors.deserialize`) and viewed as `ml_dtypes.bfloat16`.
+    """
+
+    def __init__(self, f, path: Path):
+        self._f, self._path, self._raw = f, path, None
+
+    def get(self, name: str, dtype: str) -> np.ndarray:
+        if self._raw is None:
+            try:
+                return self._f.get_tensor(name)
+            except Exception:
+                if dtype != "BF16":
+                    raise
+            from safetensors import deserialize
+
+            self._raw = dict(deserialize(self._path.read_bytes()))
+        view = self._raw[name]
+        return np.frombuffer(view["data"], dtype=_FLOAT_CODES[view["dtype"]]).reshape(view["shape"])
 
 
 # ---- import -------------------------------------------------------------------------------------
@@ -348,8 +357,9 @@ def read_fla_params(directory: Path, config: DeltaNetConfig, *,
     done, total = 0, len(infos)
     for file, names in sorted(by_file.items()):
         with _safe_open(file) as f:
+            reader = _FileReader(f, file)
             for name in sorted(names):
-                arr = np.asarray(_read_tensor(f, infos[name], name), dtype=np.float32)
+                arr = np.asarray(reader.get(name, infos[name].dtype), dtype=np.float32)
                 if name in specs:
                     spec = specs[name]
                     params[spec.path] = np.ascontiguousarray(arr.T) if spec.transpose else arr
