@@ -14,7 +14,6 @@ softmax attention with flash_attn's causal and `window_size=(W - 1, 0)` semantic
 so in its output. The rest of fla's layer (projections, rotary embedding, GQA, o_proj) is fla's.
 """
 
-import importlib.util
 import json
 
 import jax
@@ -67,9 +66,10 @@ def torch_fla():
     fla_models = pytest.importorskip("fla.models")
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    return torch, fla_models
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield torch, fla_models
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _fla_model(torch, fla_models, case, dtype, monkeypatch):
@@ -77,7 +77,7 @@ def _fla_model(torch, fla_models, case, dtype, monkeypatch):
     if "attn" in kwargs:
         import fla.layers.attn as fla_attn
 
-        has_flash = importlib.util.find_spec("flash_attn") is not None
+        has_flash = fla_attn.flash_attn_func is not None  # fla sets it to None when flash_attn fails to import
         if dtype == "float32" or not has_flash:
             why = "flash_attn has no float32 kernels" if has_flash else "flash_attn is not installed"
             print(f"\n[{case} {dtype}] {why}: fla's Attention runs with a torch softmax attention "
