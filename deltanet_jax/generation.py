@@ -77,7 +77,7 @@ def sampling_settings(vocab_size: int, temperature: float = 0.0, top_k: int | No
     k = 0 if top_k is None or top_k >= vocab_size else int(top_k)
     p = 1.0 if top_p is None else float(top_p)
     mode = SamplingMode(greedy=greedy, filtered=not greedy and (k > 0 or p < 1.0))
-    slots = 1 << max(len(stop_tokens) - 1, 0).bit_length()  # power-of-two slots: few distinct shapes
+    slots = max(8, 1 << max(len(stop_tokens) - 1, 0).bit_length())  # few distinct shapes
     stops = np.full((slots,), EMPTY, np.int32)
     stops[:len(stop_tokens)] = list(stop_tokens)
     params = SamplingParams(jnp.float32(temperature if not greedy else 1.0), jnp.int32(k), jnp.float32(p),
