@@ -31,5 +31,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "nbformat>=5", "nbclient>=0.10", "ipykernel>=6"],
         "gpu": ["jax[cuda13]>=0.10.2,<0.13"],
+        "eval": ["lm_eval>=0.4.13,<0.5"],  # lm-evaluation-harness adapter; 0.4.13 installs without torch
     },
 )
