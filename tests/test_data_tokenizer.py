@@ -73,3 +73,23 @@ def test_bad_specs(tmp_path):
         load_tokenizer(str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="tokenizer spec"):
         load_tokenizer("")
+
+
+def test_corpus_file_with_hf_tokenizer(tmp_path):
+    from deltanet_jax.data import build_data
+    from deltanet_jax.train.config import DataConfig
+
+    _bpe(tmp_path / "tokenizer.json")
+    text = " ".join(SENTENCES * 40)
+    (tmp_path / "c.txt").write_text(text)
+    config = DataConfig(corpus=str(tmp_path / "c.txt"), tokenizer=str(tmp_path / "tokenizer.json"))
+    data = build_data(config, seq_len=8, batch_size=2, seed=0, eval_batches=2)
+    ids = np.asarray(data.tokenizer.encode(text))
+    n_train = int(len(ids) * 0.9)
+    batch = next(data.train)
+    assert batch["inputs"].shape == (2, 8) and not data.packed
+    for row in range(2):  # every row is a window of the training tokens
+        window = np.concatenate([batch["inputs"][row], batch["targets"][row][-1:]])
+        starts = [s for s in range(n_train - 8) if (ids[s : s + 9] == window).all()]
+        assert starts
+    np.testing.assert_array_equal(data.validation[0]["inputs"][0], ids[n_train : n_train + 8])
