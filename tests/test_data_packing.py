@@ -176,8 +176,8 @@ def test_build_data_default_is_the_corpus_path():
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
     assert data.tokenizer.vocab_size == 256
     # Two processes: their rows together are the one-process batch.
-    parts = [build_data(DataConfig(), seq_len=32, batch_size=4, seed=7, eval_batches=2, process_index=p,
-                        process_count=2) for p in (0, 1)]
+    parts = [build_data(DataConfig(), seq_len=32, batch_size=2, seed=7, eval_batches=2, process_index=p,
+                        process_count=2) for p in (0, 1)]  # two rows each of the same global batch
     ref = train_iterator(splits.train, seq_len=32, batch_size=4, seed=7)
     for _ in range(2):
         whole = next(ref)
@@ -189,12 +189,14 @@ def test_build_data_default_is_the_corpus_path():
 def test_build_data_prepared_dataset_and_its_checks(tmp_path):
     out, _ = _dataset(tmp_path)
     config = DataConfig(path=str(out))
-    data = build_data(config, seq_len=8, batch_size=4, seed=0, eval_batches=3, process_index=1, process_count=2)
+    data = build_data(config, seq_len=8, batch_size=2, seed=0, eval_batches=3, process_index=1, process_count=2)
     batch = next(data.train)
     assert data.packed and batch["segment_ids"].shape == (2, 8) and len(data.validation) == 1
     assert data.validation[0]["inputs"].shape == (2, 8)
-    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-        build_data(config, seq_len=8, batch_size=4, seed=0, process_count=3)
+    whole = build_data(config, seq_len=8, batch_size=4, seed=0, eval_batches=3).validation
+    np.testing.assert_array_equal(data.validation[0]["inputs"], whole[0]["inputs"][2:])  # rows 2..3 of 4
+    with pytest.raises(ValueError, match=r"process_index must be in \[0, 2\)"):
+        build_data(config, seq_len=8, batch_size=4, seed=0, process_index=2, process_count=2)
     with pytest.raises(DatasetError, match="does not exist"):
         build_data(DataConfig(path=str(tmp_path / "nowhere")), seq_len=8, batch_size=4, seed=0)
     (tmp_path / "empty").mkdir()

@@ -5,9 +5,9 @@ file, tokenized whole and split 90/10 into random training windows and fixed val
 and a dataset prepared by `experiments.prepare_data` (`data.path`; packed documents, see
 `deltanet_jax.data.packing`).
 
-`batch_size` is the global batch: process p of P gets batches of batch_size / P rows. For a
-corpus every process builds the same global batch and keeps its rows (so any process count trains
-on the same data); a prepared dataset gives each process its own documents.
+`batch_size` is the rows of this process (process p of P; the global batch is batch_size * P). For
+a corpus every process builds the same global batch and keeps its rows p * batch_size ... (so any
+process count trains on the same data); a prepared dataset gives each process its own documents.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from deltanet_jax.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokeniz
 class TrainingData:
     """What a run trains and validates on.
 
-    train: endless iterator of dicts of int32 [batch_size / process_count, seq_len] arrays:
+    train: endless iterator of dicts of int32 [batch_size, seq_len] arrays (this process's rows):
       "inputs", "targets" (-1 = no target) and, for prepared datasets, "segment_ids"
       (1..n per row, 0 = padding); `get_state()` / `set_state()` for checkpoints.
     validation: fixed list of batches of the same form (this process's rows).
@@ -99,14 +99,17 @@ def build_data(
 ) -> TrainingData:
     """Training iterator, validation batches and tokenizer for `data_config` (a `DataConfig`).
 
-    `batch_size` is global (must divide by `process_count`); `eval_batches` is the number of
-    validation batches. With the default config this gives exactly the batches of
-    `train_iterator(load_corpus(corpus).train, ...)` and `validation_batches(...validation, ...)`.
+    `batch_size` is this process's rows of each batch; the global batch is `batch_size *
+    process_count` and process `process_index` holds its rows `[process_index * batch_size, ...)`.
+    `eval_batches` is the number of validation batches. With the default config this gives exactly
+    the batches of `train_iterator(load_corpus(corpus).train, ...)` and
+    `validation_batches(...validation, ..., num_batches=eval_batches)`.
     """
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-    if batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} processes")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    global_batch = batch_size * process_count
     tokenizer = check_data(data_config)
     dc = data_config
     if not dc.path:
@@ -115,12 +118,13 @@ def build_data(
         else:
             splits = split_tokens(corpus_tokens(dc.corpus, tokenizer))
         train = train_iterator(
-            splits.train, seq_len=seq_len, batch_size=batch_size, seed=seed, prefetch_threads=dc.prefetch_threads,
+            splits.train, seq_len=seq_len, batch_size=global_batch, seed=seed, prefetch_threads=dc.prefetch_threads,
             workers=dc.workers, process_index=process_index, process_count=process_count,
         )
-        val = validation_batches(splits.validation, seq_len=seq_len, batch_size=batch_size, num_batches=eval_batches)
+        val = validation_batches(splits.validation, seq_len=seq_len, batch_size=global_batch,
+                                 num_batches=eval_batches)
         if process_count > 1:
-            rows = ProcessRows(process_index, process_count, batch_size)
+            rows = ProcessRows(process_index, process_count, global_batch)
             val = [rows(b) for b in val]
         return TrainingData(train=train, validation=val, tokenizer=tokenizer, packed=False)
 
@@ -130,17 +134,16 @@ def build_data(
         raise DatasetError(f"dataset {dc.path!r} has no training documents")
     if not shards["validation"]:
         raise DatasetError(f"dataset {dc.path!r} has no validation split: prepare it with --val-fraction > 0")
-    local = batch_size // process_count
     train = packed_train_iterator(
-        shards["train"], dtype=meta["dtype"], seq_len=seq_len, batch_size=local, seed=seed, shuffle=dc.shuffle,
+        shards["train"], dtype=meta["dtype"], seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=dc.shuffle,
         process_index=process_index, process_count=process_count, prefetch_threads=dc.prefetch_threads,
         workers=dc.workers,
     )
     val = packed_validation_batches(
-        shards["validation"], dtype=meta["dtype"], seq_len=seq_len, batch_size=batch_size, num_batches=eval_batches
+        shards["validation"], dtype=meta["dtype"], seq_len=seq_len, batch_size=global_batch, num_batches=eval_batches
     )
     if process_count > 1:
-        rows = ProcessRows(process_index, process_count, batch_size)
+        rows = ProcessRows(process_index, process_count, global_batch)
         val = [rows(b) for b in val]
     return TrainingData(train=train, validation=val, tokenizer=tokenizer, packed=True)
 
