@@ -83,12 +83,16 @@ def delta_rule_step(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, s
     """One decoding step: q, k `[B, H, K]`, v `[B, H, V]`, beta `[B, H]`, state `[B, H, K, V]`.
 
     Returns `(o [B, H, V] in v's dtype, new_state [B, H, K, V] float32)`.
-    implementation: "xla" (a few fused matrix-vector products; the default on every backend, as
-    it measured faster than the kernel on the GPU, see BENCHMARKS.md) or "pallas" (the Pallas
-    step kernel; interpreted off GPU).
+    implementation: "pallas" (the Pallas step kernel; interpreted off GPU), "xla" (a few fused
+    matrix-vector products) or None: pallas on GPU for float32 state math, where it measured
+    faster (13.0 vs 13.7 us per token at batch 1, 31 vs 86 us at batch 32, 16 heads of 128 x 128,
+    H100; BENCHMARKS.md), xla elsewhere.
     """
     check_step_args(q, k, v, beta, state)
-    impl = "xla" if implementation is None else implementation
+    if implementation is None:
+        on_gpu = jax.default_backend() == "gpu"
+        implementation = "pallas" if on_gpu and _compute_dtype(q, k, v, beta, state) == jnp.float32 else "xla"
+    impl = implementation
     if impl not in STEP_IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; expected one of {STEP_IMPLEMENTATIONS} or None")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -152,12 +152,16 @@ class KernelConfig:
         tiles (down to 32) when few (batch, head) pairs would leave SMs idle (>= 128 programs, about
         one wave on an H100), and when the float32 state `[K, BV]` grows with K. With a single wave
         of scan programs, deeper pipelining of the chunk loads hides their latency (measured at
-        (2, 8192, 16, 128): forward 0.67 -> 0.51 ms with 3 stages)."""
+        (2, 8192, 16, 128): forward 0.67 -> 0.51 ms with 3 stages); at K = 256 three stages of the
+        `[64, K]` loads would not fit in shared memory, so those scans run unpipelined."""
         bv = 64 if k_dim <= 128 else 32
         bv = min(bv, v_dim)
         scan_bv = bv
         while scan_bv > 32 and batch_heads * (v_dim // scan_bv) < 128:
             scan_bv //= 2
         one_wave = batch_heads * (v_dim // scan_bv) <= 128
+        if k_dim > 128:
+            return cls(fwd=Launch(4, 1), states=Launch(4, 1), fwd_block_v=scan_bv, bwd_block_v=scan_bv,
+                       dqkw_block_v=bv, wy_bwd_block_v=bv)
         return cls(fwd=Launch(4, 3 if one_wave else 1), fwd_block_v=scan_bv, bwd_block_v=scan_bv,
                    dqkw_block_v=bv, wy_bwd_block_v=bv)
