@@ -43,6 +43,12 @@ class TrainingData:
     tokenizer: Any
     packed: bool
 
+    def close(self) -> None:
+        """Stop the worker processes of `train` (data.workers > 0); nothing otherwise."""
+        close = getattr(self.train, "close", None)
+        if close is not None:
+            close()
+
 
 def check_data(data_config: Any, *, vocab_size: int | None = None) -> Any:
     """Cheap checks of a `DataConfig` against the files it names; returns its tokenizer.
