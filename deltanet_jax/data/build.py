@@ -13,7 +13,6 @@ process count trains on the same data); a prepared dataset gives each process it
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -153,8 +152,3 @@ def build_data(
         val = [rows(b) for b in val]
     return TrainingData(train=train, validation=val, tokenizer=tokenizer, packed=True)
 
-
-def dataset_summary(path: str | Path) -> dict[str, Any]:
-    """Documents and tokens per split of a prepared dataset (from its metadata)."""
-    meta = read_metadata(path)
-    return {split: {k: meta["splits"][split][k] for k in ("documents", "tokens")} for split in ("train", "validation")}
