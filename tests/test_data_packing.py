@@ -205,8 +205,8 @@ def test_build_data_prepared_dataset_and_its_checks(tmp_path):
     with pytest.raises(ValueError, match=r"model.vocab_size \(100\) is smaller"):
         check_data(config, vocab_size=100)
     tok = tmp_path / "tok.json"
-    from tokenizers import Tokenizer, models
-    Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")).save(str(tok))
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")).save(str(tok))
     with pytest.raises(DatasetError, match="was tokenized with 'byte'"):
         check_data(DataConfig(path=str(out), tokenizer=str(tok)))
     (out / "validation-00000.array_record").unlink()

@@ -5,7 +5,9 @@ import pickle
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+pytest.importorskip("tokenizers")  # an install dependency; absent from some images
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from deltanet_jax.data import ByteTokenizer, HFTokenizer, load_tokenizer
 

@@ -4,10 +4,13 @@ import json
 import os
 
 import grain
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+pytest.importorskip("tokenizers")  # install dependencies; absent from some images
+pytest.importorskip("pyarrow")
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 
 from deltanet_jax.data import load_tokenizer, read_metadata
 from deltanet_jax.data.prepare import in_validation, prepare_dataset
