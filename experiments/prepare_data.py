@@ -2,12 +2,13 @@
 
     python -m experiments.prepare_data --tokenizer tokenizer.json --input 'corpus/**/*.jsonl' --output DIR
         [--workers N] [--val-fraction F] [--text-field text] [--txt-documents file|line|paragraph]
-        [--shards N] [--eos-token TOKEN | --no-eos] [--seed S]
+        [--shards N] [--piece-mb M] [--eos-token TOKEN | --no-eos] [--seed S]
 
 Reads .txt, .jsonl (one JSON object per line, text in --text-field) and .parquet (text column
 --text-field) files; each document's token ids, followed by the tokenizer's end-of-sequence token,
 become one record. Writes DIR/train-NNNNN.array_record, DIR/validation-NNNNN.array_record and
-DIR/metadata.json (tokenizer, counts, shards, dtype). Files are the unit of parallelism.
+DIR/metadata.json (tokenizer, counts, shards, dtype). Worker processes take whole files, and
+pieces of about --piece-mb of larger .jsonl / .parquet files.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-field", default="text", help="JSON field / parquet column holding the text")
     p.add_argument("--txt-documents", default="file", choices=["file", "line", "paragraph"],
                    help="what one document of a .txt file is (default: the whole file)")
-    p.add_argument("--shards", type=int, default=None, help="shards per split (default: min(files, 64))")
+    p.add_argument("--shards", type=int, default=None, help="shards per split (default: min(pieces, 64))")
+    p.add_argument("--piece-mb", type=float, default=64.0,
+                   help=".jsonl / .parquet files larger than this many MiB are cut into pieces for the workers")
     p.add_argument("--eos-token", default=None,
                    help="end-of-sequence token (default: tokenizer_config.json's, else a known name)")
     p.add_argument("--no-eos", action="store_true", help="allow a tokenizer without end-of-sequence token")
@@ -50,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.input, args.output, tokenizer=args.tokenizer, workers=args.workers, num_shards=args.shards,
             val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
             txt_documents=args.txt_documents, eos_token=args.eos_token, require_eos=not args.no_eos,
-            progress=not args.no_progress,
+            progress=not args.no_progress, piece_bytes=max(1, int(args.piece_mb * 2**20)),
         )
     except (ValueError, OSError) as err:  # bad input: say what, no traceback
         print(f"prepare_data: error: {err}", file=sys.stderr)

@@ -67,10 +67,14 @@ def test_prepare_reads_back_exact_tokens(tmp_path, inputs):
     assert meta["dtype"] == "uint16" and meta["tokenizer"]["eos_id"] == tok.eos_id == 1
     assert meta["tokenizer"]["vocab_size"] == tok.vocab_size and meta["skipped_documents"] == 1
     # Expected records per split, in file order; a document's split is the hash of its file name and index.
+    # Keys: the index in a .txt file, the row of a .parquet file, the byte offset of a .jsonl line.
+    raw = (tmp_path / "src" / "sub" / "b.jsonl").read_bytes()
+    starts = [i for i in range(len(raw)) if (i == 0 or raw[i - 1] == ord("\n")) and raw[i] != ord("\n")]
+    keys = {"a.txt": [0], "c.parquet": list(range(15)), "sub/b.jsonl": starts}
     expected = {"train": [], "validation": []}
     for name in sorted(docs):  # a.txt, c.parquet, sub/b.jsonl
-        for i, text in enumerate(docs[name]):
-            split = "validation" if in_validation(0, name, i, 0.25) else "train"
+        for key, text in zip(keys[name], docs[name], strict=True):
+            split = "validation" if in_validation(0, name, key, 0.25) else "train"
             expected[split].append((name, tok.encode(text) + [tok.eos_id]))
     assert 0 < len(expected["validation"]) < 20
     for split in ("train", "validation"):
@@ -94,6 +98,28 @@ def test_workers_give_the_same_shards(tmp_path, inputs):
     assert metas[0]["splits"] == metas[1]["splits"] and contents[0] == contents[1]
     files = {s["file"] for split in ("train", "validation") for s in metas[0]["splits"][split]["shards"]}
     assert {f.split("-")[1] for f in files} == {"00000.array_record", "00001.array_record", "00002.array_record"}
+
+
+def test_large_files_cut_into_pieces_give_the_same_records(tmp_path):
+    lines = [json.dumps({"text": _text(i, 1 + i % 13)}) for i in range(60)]
+    (tmp_path / "big.jsonl").write_text("\n".join(lines[:30] + ["", ""] + lines[30:]) + "\n")
+    pq.write_table(pa.table({"text": [_text(i, 3 + i % 4) for i in range(40)]}), tmp_path / "big.parquet",
+                   row_group_size=6)
+    tok = _tokenizer(tmp_path / "tokenizer.json")
+    contents = []
+    for name, piece_bytes in (("whole", 1 << 30), ("cut", 97)):
+        out = tmp_path / name
+        meta = prepare_dataset(str(tmp_path / "big.*"), out, tokenizer=tok, num_shards=1, val_fraction=0.3,
+                               piece_bytes=piece_bytes, progress=False)
+        contents.append({split: _read_split(out, meta, split) for split in ("train", "validation")})
+        assert meta["splits"]["train"]["documents"] + meta["splits"]["validation"]["documents"] == 100
+    assert contents[0] == contents[1]  # every line and row once, in order, in the same split
+    from deltanet_jax.data.documents import split_file
+    assert len(split_file(tmp_path / "big.jsonl", 97)) > 10 and len(split_file(tmp_path / "big.parquet", 97)) > 3
+    cut = prepare_dataset(str(tmp_path / "big.*"), tmp_path / "cut4", tokenizer=tok, num_shards=4,
+                          val_fraction=0.3, piece_bytes=97, progress=False)
+    assert len(cut["splits"]["train"]["shards"]) == 4 and cut["splits"]["train"]["documents"] == sum(
+        len(r) for r in contents[0]["train"].values())
 
 
 def test_txt_documents_modes_and_byte_tokenizer(tmp_path):

@@ -1,9 +1,11 @@
 """Tokenize text files into a prepared dataset (the format of `deltanet_jax.data.token_records`).
 
-Input files are spread over `num_shards` shard tasks (largest first onto the lightest shard);
-each task tokenizes its files in order and writes one training and one validation shard, in
-`workers` processes. A document goes to validation when a hash of (seed, file name, index in file)
-falls below `val_fraction`, so the split does not depend on the number of workers or shards.
+Input files, large ones cut into pieces of about `piece_bytes` (see `documents.split_file`), are
+spread over `num_shards` shard tasks (largest first onto the lightest shard); each task tokenizes
+its pieces in input order and writes one training and one validation shard, in `workers`
+processes. A document goes to validation when a hash of (seed, file name, its key in the file:
+line offset, row or index) falls below `val_fraction`, so the split depends neither on the
+number of workers nor on the shards.
 """
 
 from __future__ import annotations
@@ -18,22 +20,23 @@ import queue
 from pathlib import Path
 from typing import Any, Callable
 
-from deltanet_jax.data.documents import TXT_DOCUMENTS, check_input, find_inputs, iter_documents
+from deltanet_jax.data.documents import TXT_DOCUMENTS, Piece, check_input, find_inputs, iter_documents, split_file
 from deltanet_jax.data.token_records import (
     FORMAT, FORMAT_VERSION, METADATA_FILE, SPLITS, encode_record, shard_name, token_dtype,
 )
 from deltanet_jax.data.tokenizer import ByteTokenizer, load_tokenizer
 
 ENCODE_BATCH = 256  # documents tokenized per call
+PIECE_BYTES = 64 << 20  # .jsonl / .parquet files larger than this are shared by several tasks
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardTask:
-    """Files [in order] whose documents make shard `index` of each split."""
+    """Pieces of files [in order] whose documents make shard `index` of each split."""
 
     index: int
-    files: tuple[str, ...]
-    names: tuple[str, ...]  # file names relative to the inputs' common folder (for the split hash)
+    pieces: tuple[Piece, ...]
+    names: tuple[str, ...]  # their file names relative to the inputs' common folder (for the split hash)
     output: str
     tokenizer: str
     eos_token: str | None
@@ -44,16 +47,16 @@ class ShardTask:
     txt_documents: str
 
 
-def in_validation(seed: int, name: str, index: int, val_fraction: float) -> bool:
-    """Whether document `index` of file `name` belongs to the validation split."""
+def in_validation(seed: int, name: str, key: int, val_fraction: float) -> bool:
+    """Whether the document of file `name` at `key` (see `iter_documents`) is a validation one."""
     if val_fraction <= 0:
         return False
-    digest = hashlib.blake2b(f"{seed}:{name}:{index}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{name}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
 
 
 def run_shard_task(task: ShardTask, progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
-    """Tokenize `task.files` into the task's shards; returns per-split document and token counts.
+    """Tokenize `task.pieces` into the task's shards; returns per-split document and token counts.
 
     `progress(n)` is told of every n input bytes done.
     """
@@ -66,19 +69,19 @@ def run_shard_task(task: ShardTask, progress: Callable[[int], None] = lambda n: 
     writers = {split: ArrayRecordWriter(str(out / stats[split]["file"]), "group_size:1") for split in SPLITS}
     skipped = 0
     try:
-        for file, name in zip(task.files, task.names):
-            size, done = os.path.getsize(file), 0
+        for piece, name in zip(task.pieces, task.names):
+            size, done = piece.size, 0
             pending: list[tuple[int, str]] = []
 
             def flush() -> None:
                 nonlocal skipped, done
                 encoded = tokenizer.encode_batch([text for _, text in pending])
-                for (index, text), ids in zip(pending, encoded):
+                for (key, text), ids in zip(pending, encoded):
                     ids = list(ids) + eos
                     if len(ids) < 2:  # nothing to predict
                         skipped += 1
                         continue
-                    split = "validation" if in_validation(task.seed, name, index, task.val_fraction) else "train"
+                    split = "validation" if in_validation(task.seed, name, key, task.val_fraction) else "train"
                     writers[split].write(encode_record(ids, task.dtype))
                     stats[split]["documents"] += 1
                     stats[split]["tokens"] += len(ids)
@@ -87,12 +90,11 @@ def run_shard_task(task: ShardTask, progress: Callable[[int], None] = lambda n: 
                 progress(step)
                 pending.clear()
 
-            for index, text in enumerate(iter_documents(Path(file), text_field=task.text_field,
-                                                        txt_documents=task.txt_documents)):
+            for key, text in iter_documents(piece, text_field=task.text_field, txt_documents=task.txt_documents):
                 if not text:
                     skipped += 1
                     continue
-                pending.append((index, text))
+                pending.append((key, text))
                 if len(pending) == ENCODE_BATCH:
                     flush()
             if pending:
@@ -120,13 +122,12 @@ def _run_in_worker(task: ShardTask) -> dict[str, Any]:
     return run_shard_task(task, _progress_queue.put)
 
 
-def assign_shards(files: list[Path], num_shards: int) -> list[list[int]]:
-    """Indices of `files` per shard: largest file first onto the shard with the fewest bytes;
-    each shard's files in input order."""
+def assign_shards(sizes: list[int], num_shards: int) -> list[list[int]]:
+    """Indices of pieces (of `sizes` bytes) per shard: largest first onto the shard with the fewest
+    bytes; each shard's pieces in input order."""
     loads = [0] * num_shards
     groups: list[list[int]] = [[] for _ in range(num_shards)]
-    sizes = [f.stat().st_size for f in files]
-    for i in sorted(range(len(files)), key=lambda i: (-sizes[i], i)):
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         target = min(range(num_shards), key=lambda s: (loads[s], s))
         groups[target].append(i)
         loads[target] += sizes[i]
@@ -136,7 +137,7 @@ def assign_shards(files: list[Path], num_shards: int) -> list[list[int]]:
 def prepare_dataset(
     inputs: str | list[str], output: str | Path, *, tokenizer: str, workers: int = 1, num_shards: int | None = None,
     val_fraction: float = 0.01, seed: int = 0, text_field: str = "text", txt_documents: str = "file",
-    eos_token: str | None = None, require_eos: bool = True, progress: bool = True,
+    eos_token: str | None = None, require_eos: bool = True, progress: bool = True, piece_bytes: int = PIECE_BYTES,
 ) -> dict[str, Any]:
     """Tokenize the files matching glob(s) `inputs` into dataset directory `output`; returns the
     metadata it writes to `output/metadata.json`.
@@ -149,6 +150,8 @@ def prepare_dataset(
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if piece_bytes < 1:
+        raise ValueError(f"piece_bytes must be >= 1, got {piece_bytes}")
     if num_shards is not None and num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     if txt_documents not in TXT_DOCUMENTS:
@@ -166,18 +169,18 @@ def prepare_dataset(
     for f in files:
         check_input(f, text_field=text_field)
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    names = [str(f.relative_to(root)) for f in files]
+    pieces = [(piece, str(f.relative_to(root))) for f in files for piece in split_file(f, piece_bytes)]
     dtype = token_dtype(tok.vocab_size)
-    groups = assign_shards(files, min(num_shards or 64, len(files)))
+    groups = assign_shards([p.size for p, _ in pieces], min(num_shards or 64, len(pieces)))
     tasks = [
-        ShardTask(index=i, files=tuple(str(files[j]) for j in g), names=tuple(names[j] for j in g), output=str(out),
-                  tokenizer=tokenizer, eos_token=eos_token, dtype=dtype, val_fraction=val_fraction, seed=seed,
-                  text_field=text_field, txt_documents=txt_documents)
+        ShardTask(index=i, pieces=tuple(pieces[j][0] for j in g), names=tuple(pieces[j][1] for j in g),
+                  output=str(out), tokenizer=tokenizer, eos_token=eos_token, dtype=dtype, val_fraction=val_fraction,
+                  seed=seed, text_field=text_field, txt_documents=txt_documents)
         for i, g in enumerate(groups)
     ]
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    total_bytes = sum(f.stat().st_size for f in files)
+    total_bytes = sum(p.size for p, _ in pieces)
     try:
         results = _run_tasks(tasks, workers, total_bytes, progress)
     except BaseException:
@@ -190,8 +193,8 @@ def prepare_dataset(
             except OSError:
                 pass
         raise
-    meta = _metadata(tok, dtype, files, total_bytes, results, val_fraction=val_fraction, seed=seed,
-                     text_field=text_field, txt_documents=txt_documents)
+    meta = _metadata(tok, dtype, files, sum(f.stat().st_size for f in files), results, val_fraction=val_fraction,
+                     seed=seed, text_field=text_field, txt_documents=txt_documents)
     tmp = out / (METADATA_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     tmp.replace(out / METADATA_FILE)
