@@ -20,10 +20,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deltanet_jax.nn import (Attention, AttentionCache, DeltaNet, DeltaNetCache, GatedMLP, LinearAttention, RMSNorm,
                              mlp_intermediate_size)
-from deltanet_jax.nn.deltanet import QK_ACTIVATIONS, QK_NORMS
+from deltanet_jax.nn.axes import linear_axes
+from deltanet_jax.nn.deltanet import BATCH_MESH_AXES, QK_ACTIVATIONS, QK_NORMS
 
 # Keys an fla / Hugging Face config.json may carry that do not affect the model's math.
 IGNORED_CONFIG_KEYS = frozenset({
@@ -227,7 +229,7 @@ ModelCache = tuple[LayerCache, ...]
 
 
 def _mixer(config: DeltaNetConfig, layer_idx: int, *, implementation: str | None, dtype: jnp.dtype,
-           param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Module:
+           param_dtype: jnp.dtype, rngs: nnx.Rngs, mesh: Mesh | None = None) -> nnx.Module:
     """The token mixer of layer `layer_idx`, chosen as fla's DeltaNetBlock does (plus `mixer`)."""
     init = nnx.initializers.normal(config.initializer_range)
     if config.is_attention_layer(layer_idx):
@@ -243,7 +245,7 @@ def _mixer(config: DeltaNetConfig, layer_idx: int, *, implementation: str | None
     if config.mixer == "linear":
         return LinearAttention(config.hidden_size, config.num_heads, **kw)
     return DeltaNet(config.hidden_size, config.num_heads, use_beta=config.use_beta,
-                    allow_neg_eigval=config.allow_neg_eigval, implementation=implementation, **kw)
+                    allow_neg_eigval=config.allow_neg_eigval, implementation=implementation, mesh=mesh, **kw)
 
 
 class DeltaNetBlock(nnx.Module):
@@ -254,12 +256,12 @@ class DeltaNetBlock(nnx.Module):
     """
 
     def __init__(self, config: DeltaNetConfig, layer_idx: int = 0, *, implementation: str | None,
-                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs, mesh: Mesh | None = None):
         init = nnx.initializers.normal(config.initializer_range)
         norm = dict(eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = RMSNorm(config.hidden_size, **norm)
         self.attn = _mixer(config, layer_idx, implementation=implementation, dtype=dtype, param_dtype=param_dtype,
-                           rngs=rngs)
+                           rngs=rngs, mesh=mesh)
         self.mlp_norm = RMSNorm(config.hidden_size, **norm)
         self.mlp = GatedMLP(config.hidden_size, hidden_ratio=config.hidden_ratio,
                             intermediate_size=config.intermediate_size, dtype=dtype, param_dtype=param_dtype,
@@ -293,22 +295,33 @@ class DeltaNetModel(nnx.Module):
     """Embeddings, blocks and the final norm: input_ids [B, T] -> hidden [B, T, D]."""
 
     def __init__(self, config: DeltaNetConfig, *, implementation: str | None, remat: bool, dtype: jnp.dtype,
-                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs, mesh: Mesh | None = None):
         self.remat = remat
+        self.mesh = mesh
         self.embeddings = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                    embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+                                    embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs,
+                                    embedding_metadata={"logical_axes": ("vocab", "embed")})
         self.layers = nnx.List([
-            DeltaNetBlock(config, i, implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            DeltaNetBlock(config, i, implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          mesh=mesh)
             for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype, param_dtype=param_dtype)
 
+    def _batch_sharded(self, h: jax.Array) -> jax.Array:
+        """With a mesh: h [B, T, D] constrained to rows split over data x fsdp (D whole)."""
+        if self.mesh is None:
+            return h
+        spec = PartitionSpec(tuple(a for a in BATCH_MESH_AXES if a in self.mesh.axis_names), None, None)
+        return jax.lax.with_sharding_constraint(h, NamedSharding(self.mesh, spec))
+
     def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        h = self.embeddings(input_ids)
+        h = self._batch_sharded(self.embeddings(input_ids))
         for layer in self.layers:
             if self.remat:
                 h = nnx.remat(lambda blk, x, s: blk(x, s))(layer, h, segment_ids)
             else:
                 h = layer(h, segment_ids)
+            h = self._batch_sharded(h)
         return self.norm(h)
 
 
@@ -317,21 +330,25 @@ class DeltaNetForCausalLM(nnx.Module):
 
     `dtype` is the compute dtype, parameters are kept in `param_dtype`. `implementation` picks the
     delta-rule kernel (see `deltanet_jax.ops.delta_rule`); `remat` recomputes each block's
-    activations in the backward pass.
+    activations in the backward pass. `mesh` (axes "data", "fsdp", "tensor"; for sharded
+    training) runs the delta rule inside `jax.shard_map` and keeps activations split over the batch;
+    parameters carry `logical_axes` metadata (see `deltanet_jax.nn.axes`) for the sharding rules.
     """
 
     def __init__(self, config: DeltaNetConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, implementation: str | None = None, remat: bool = False):
+                 param_dtype: jnp.dtype = jnp.float32, implementation: str | None = None, remat: bool = False,
+                 mesh: Mesh | None = None):
         if not isinstance(config, DeltaNetConfig):
             raise ValueError(f"config must be a DeltaNetConfig, got {type(config).__name__}")
         self.config = config
         self.dtype = dtype
         self.model = DeltaNetModel(config, implementation=implementation, remat=remat, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
+                                   param_dtype=param_dtype, rngs=rngs, mesh=mesh)
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
                                       param_dtype=param_dtype,
-                                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+                                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs,
+                                      **linear_axes("embed", "vocab"))
 
     def _check_ids(self, x: jax.Array, name: str, ndim: int) -> None:
         if x.ndim != ndim or not jnp.issubdtype(x.dtype, jnp.integer):

@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the parameter count, then exit (allocates nothing)")
+    multi = parser.add_argument_group(
+        "multi-host", "several processes (one per host) training one model; every process runs the same command "
+        "with its own --process-id. Without these flags, a launcher found in the environment (SLURM with "
+        "several tasks, Open MPI, JAX_COORDINATOR_ADDRESS) is joined automatically")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    multi.add_argument("--num-processes", type=int, default=None, help="number of processes")
+    multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. N-1")
+    multi.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run described by the environment (jax.distributed auto-detection)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
     return parser
 
@@ -107,18 +116,21 @@ def main(argv: Sequence[str] | None = None):
 
     from deltanet_jax.data import check_corpus
     from deltanet_jax.train.config import ConfigError, RunConfig, apply_overrides
-    from deltanet_jax.train.mesh import check_supported, resolve_mesh_shape
+    from deltanet_jax.train.distributed import initialize
     from deltanet_jax.train.run_dir import RunDirError, plan_run_dir
-    from deltanet_jax.train.trainer import train
+    from deltanet_jax.train.trainer import run_mesh, train
 
     try:
         name, raw = load_preset(args.config)
         config = RunConfig.from_dict(apply_overrides(raw, args.overrides))
         if args.dry_run:
             return dry_run(config)
-        check_supported(resolve_mesh_shape(config.mesh, jax.device_count()))
+        initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+        run_mesh(config)
         check_corpus(config.data.corpus)
         run_dir = args.run_dir
+        if run_dir is None and jax.process_count() > 1:
+            raise ValueError("--run-dir is required with several processes (they must share one directory)")
         if run_dir is None:
             run_dir = Path("runs") / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         plan = plan_run_dir(run_dir, config)
@@ -128,5 +140,6 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    result = main()
+    stopped = getattr(result, "stopped_by", None)
+    sys.exit(128 + stopped if stopped else 0)  # stopped by SIGTERM/SIGINT: 143/130, as the shell reports

@@ -11,7 +11,8 @@ from flax import nnx
 
 from deltanet_jax.model import DeltaNetConfig, DeltaNetForCausalLM
 from deltanet_jax.train.config import ConfigError, MeshConfig, RunConfig, apply_overrides, parse_value
-from deltanet_jax.train.mesh import check_supported, resolve_mesh_shape
+from deltanet_jax.train.mesh import check_batch, check_mesh_fits, resolve_mesh_shape
+from deltanet_jax.train.sharding import logical_to_spec
 from deltanet_jax.train.optimizer import decay_mask, make_optimizer, warmup_cosine_schedule
 from deltanet_jax.train.run_dir import RunDirError, plan_run_dir
 from deltanet_jax.train.step import (
@@ -112,6 +113,42 @@ def test_train_step_ignores_negative_targets():
     np.testing.assert_allclose(float(total), float(total_full), rtol=1e-5)  # causal: the prefix alone
 
 
+def test_gradient_accumulation_gives_the_same_update():
+    # Plain SGD with lr 1: parameter changes are the gradients themselves (Adam's first step would turn
+    # near-zero gradients into +-lr steps and hide the comparison).
+    tx = optax.sgd(1.0)
+    graphdef, state = init_train_state(
+        DeltaNetForCausalLM(DeltaNetConfig(**TINY_MODEL), rngs=nnx.Rngs(0), implementation="recurrent"), tx)
+    rng = np.random.default_rng(2)
+    window = rng.integers(0, 256, (4, 9)).astype(np.int32)
+    # Ignored positions spread unevenly over the micro-batches: the mean must still be over all tokens.
+    targets = np.where(rng.random((4, 8)) < 0.3, -1, window[:, 1:]).astype(np.int32)
+    batch = {"inputs": window[:, :-1], "targets": targets}
+    one, m1 = make_train_step(graphdef, tx)(jax.tree.map(jnp.copy, state), batch)
+    two, m2 = make_train_step(graphdef, tx, grad_accum=2)(jax.tree.map(jnp.copy, state), batch)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_updates_are_skipped_on_request():
+    graphdef, tx, state = _tiny_state()
+    window = np.random.default_rng(3).integers(0, 256, (2, 9)).astype(np.int32)
+    batch = {"inputs": window[:, :-1], "targets": window[:, 1:]}
+    poisoned = jax.tree.map(jnp.copy, state)
+    poisoned.params["model"]["norm"]["weight"].set_value(jnp.full_like(poisoned.params["model"]["norm"]["weight"][...],
+                                                                       jnp.nan))
+    before = jax.tree.map(np.asarray, poisoned)
+    kept, metrics = make_train_step(graphdef, tx, skip_nonfinite=True)(poisoned, batch)
+    assert not bool(metrics["finite"]) and int(kept.step) == 1
+    for a, b in zip(jax.tree.leaves(kept.params) + jax.tree.leaves(kept.opt_state),
+                    jax.tree.leaves(before.params) + jax.tree.leaves(before.opt_state)):
+        np.testing.assert_array_equal(a, b)  # unchanged (NaN weights stay NaN, nothing else moved)
+    healthy, metrics = make_train_step(graphdef, tx, skip_nonfinite=True)(state, batch)
+    assert bool(metrics["finite"]) and int(healthy.step) == 1
+
+
 # ---- configuration ------------------------------------------------------------------------------------
 
 
@@ -177,9 +214,46 @@ def test_mesh_resolution():
         resolve_mesh_shape(MeshConfig(data=2, fsdp=1, tensor=1), 1)
     with pytest.raises(ConfigError, match="at most one"):
         resolve_mesh_shape(MeshConfig(data=-1, fsdp=-1, tensor=1), 8)
-    check_supported({"data": 1, "fsdp": 1, "tensor": 1})
-    with pytest.raises(ConfigError, match="not implemented"):
-        check_supported({"data": 2, "fsdp": 1, "tensor": 1})
+    check_batch({"data": 2, "fsdp": 2, "tensor": 2}, batch_size=8, grad_accum=2)
+    with pytest.raises(ConfigError, match=r"train.batch_size=6 must be divisible by mesh.data x mesh.fsdp = 4"):
+        check_batch({"data": 2, "fsdp": 2, "tensor": 1}, batch_size=6)
+    with pytest.raises(ConfigError, match=r"times train.grad_accum = 4"):
+        check_batch({"data": 2, "fsdp": 1, "tensor": 1}, batch_size=4, grad_accum=4)
+    check_mesh_fits({"data": 2, "fsdp": 1, "tensor": 1}, num_devices=4, process_count=1)
+    with pytest.raises(ConfigError, match="must use them all"):
+        check_mesh_fits({"data": 2, "fsdp": 1, "tensor": 1}, num_devices=4, process_count=2)
+
+
+class _Mesh:  # logical_to_spec reads only the axis sizes
+    def __init__(self, **shape):
+        self.shape = shape
+
+
+def test_logical_axes_map_onto_the_mesh():
+    mesh = _Mesh(data=2, fsdp=4, tensor=2)
+    assert logical_to_spec(("embed", "heads"), (64, 32), mesh) == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert logical_to_spec(("vocab", "embed"), (256, 64), mesh) == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert logical_to_spec(("heads", None, None), (32, 1, 4), mesh) == jax.sharding.PartitionSpec("tensor", None, None)
+    assert logical_to_spec(("norm",), (64,), mesh) == jax.sharding.PartitionSpec(None)
+    assert logical_to_spec(("batch", None), (8, 16), mesh) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    # A dimension its mesh axes do not divide is replicated; axes of size 1 are left out.
+    assert logical_to_spec(("embed", "heads"), (30, 3), mesh) == jax.sharding.PartitionSpec(None, None)
+    assert logical_to_spec(("embed", "mlp"), (64, 64), _Mesh(data=8, fsdp=1, tensor=1)) == \
+        jax.sharding.PartitionSpec(None, None)
+    with pytest.raises(ValueError, match="no sharding rule for logical axis 'nope'"):
+        logical_to_spec(("nope",), (4,), mesh)
+    with pytest.raises(ValueError, match="do not match"):
+        logical_to_spec(("embed",), (4, 4), mesh)
+
+
+def test_every_parameter_names_its_axes():
+    model = DeltaNetForCausalLM(DeltaNetConfig(**TINY_MODEL, attn={"layers": [0], "num_heads": 2}),
+                                rngs=nnx.Rngs(0))
+    flat = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert flat
+    for path, var in flat:
+        axes = var.get_metadata().get("logical_axes")
+        assert axes is not None and len(axes) == var.ndim, jax.tree_util.keystr(path)
 
 
 def test_run_dir_plans(tmp_path):

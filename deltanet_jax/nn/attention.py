@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deltanet_jax.nn.axes import linear_axes
 from deltanet_jax.ops.segments import segment_index, segment_starts
 
 
@@ -101,10 +102,10 @@ class Attention(nnx.Module):
         self.max_position_embeddings = max_position_embeddings
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-        self.q_proj = nnx.Linear(hidden_size, hidden_size, use_bias=qkv_bias, **kw)
-        self.k_proj = nnx.Linear(hidden_size, self.kv_dim, use_bias=qkv_bias, **kw)
-        self.v_proj = nnx.Linear(hidden_size, self.kv_dim, use_bias=qkv_bias, **kw)
-        self.o_proj = nnx.Linear(hidden_size, hidden_size, use_bias=False, **kw)
+        self.q_proj = nnx.Linear(hidden_size, hidden_size, use_bias=qkv_bias, **kw, **linear_axes("embed", "heads"))
+        self.k_proj = nnx.Linear(hidden_size, self.kv_dim, use_bias=qkv_bias, **kw, **linear_axes("embed", "kv_heads"))
+        self.v_proj = nnx.Linear(hidden_size, self.kv_dim, use_bias=qkv_bias, **kw, **linear_axes("embed", "kv_heads"))
+        self.o_proj = nnx.Linear(hidden_size, hidden_size, use_bias=False, **kw, **linear_axes("heads", "embed"))
 
     # ---- pieces --------------------------------------------------------------------------------
 

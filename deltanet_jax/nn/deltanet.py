@@ -4,6 +4,10 @@ x [B, T, hidden] -> q, k [B, T, H, K], v [B, T, H, V] through bias-free projecti
 short convolution each (SiLU for v always, for q and k when `qk_activation == "silu"`), the q/k
 feature map and normalisation, `beta = sigmoid(b_proj(x))` (x2 with `allow_neg_eigval`), the delta
 rule, a per-head (gated) RMSNorm and `o_proj`. Attribute names follow fla so weights map 1:1.
+
+With a `mesh` (axes "data", "fsdp", "tensor"), the delta rule runs inside `jax.shard_map`, the
+batch split over data x fsdp and the heads over tensor (when they divide); without one it is a
+plain call, as on one device.
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
+from deltanet_jax.nn.axes import linear_axes
 from deltanet_jax.nn.norm import GatedRMSNorm, RMSNorm
 from deltanet_jax.nn.short_conv import ShortConvolution
-from deltanet_jax.ops import delta_rule, delta_rule_step
+from deltanet_jax.ops import delta_rule, delta_rule_sharded, delta_rule_step
 
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
+# Mesh axes a sharded delta rule splits the batch and the heads over (see deltanet_jax.train.sharding).
+BATCH_MESH_AXES = ("data", "fsdp")
+HEAD_MESH_AXES = ("tensor",)
 
 
 class DeltaNetCache(NamedTuple):
@@ -54,7 +63,8 @@ class DeltaNet(nnx.Module):
                  conv_size: int = 4, allow_neg_eigval: bool = False, qk_activation: str = "silu",
                  qk_norm: str = "l2", norm_eps: float = 1e-5, implementation: str | None = None,
                  dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 kernel_init: nnx.Initializer = nnx.initializers.normal(0.02), rngs: nnx.Rngs):
+                 kernel_init: nnx.Initializer = nnx.initializers.normal(0.02), mesh: Mesh | None = None,
+                 rngs: nnx.Rngs):
         if qk_activation not in QK_ACTIVATIONS:
             raise ValueError(f"qk_activation must be one of {QK_ACTIVATIONS}, got {qk_activation!r}")
         if qk_norm not in QK_NORMS:
@@ -77,13 +87,15 @@ class DeltaNet(nnx.Module):
         self.qk_norm = qk_norm
         self.implementation = implementation
         self.dtype = dtype
+        self.mesh = mesh
 
         lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-        self.q_proj = nnx.Linear(hidden_size, self.key_dim, **lin)
-        self.k_proj = nnx.Linear(hidden_size, self.key_dim, **lin)
-        self.v_proj = nnx.Linear(hidden_size, self.value_dim, **lin)
+        into_heads = linear_axes("embed", "heads")
+        self.q_proj = nnx.Linear(hidden_size, self.key_dim, **lin, **into_heads)
+        self.k_proj = nnx.Linear(hidden_size, self.key_dim, **lin, **into_heads)
+        self.v_proj = nnx.Linear(hidden_size, self.value_dim, **lin, **into_heads)
         if use_beta:
-            self.b_proj = nnx.Linear(hidden_size, num_heads, **lin)
+            self.b_proj = nnx.Linear(hidden_size, num_heads, **lin, **into_heads)
         if use_short_conv:
             conv = dict(kernel_size=conv_size, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
                         rngs=rngs)
@@ -92,11 +104,11 @@ class DeltaNet(nnx.Module):
             self.k_conv1d = ShortConvolution(self.key_dim, activation=qk_conv_act, **conv)
             self.v_conv1d = ShortConvolution(self.value_dim, activation="silu", **conv)
         if use_gate:
-            self.g_proj = nnx.Linear(hidden_size, self.value_dim, **lin)
+            self.g_proj = nnx.Linear(hidden_size, self.value_dim, **lin, **into_heads)
             self.o_norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
         else:
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.o_proj = nnx.Linear(self.value_dim, hidden_size, **lin)
+        self.o_proj = nnx.Linear(self.value_dim, hidden_size, **lin, **linear_axes("heads", "embed"))
 
     # ---- shared pieces -------------------------------------------------------------------------
 
@@ -164,8 +176,12 @@ class DeltaNet(nnx.Module):
 
     def _mix(self, q, k, v, beta, segment_ids, output_final_state):
         """The sequence op: q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] -> (o, final state)."""
-        return delta_rule(q, k, v, beta, output_final_state=output_final_state, segment_ids=segment_ids,
-                          qk_l2norm=self.qk_norm == "l2", implementation=self.implementation)
+        kw = dict(output_final_state=output_final_state, segment_ids=segment_ids, qk_l2norm=self.qk_norm == "l2",
+                  implementation=self.implementation)
+        if self.mesh is None:
+            return delta_rule(q, k, v, beta, **kw)
+        heads = tuple(a for a in HEAD_MESH_AXES if self.num_heads % self.mesh.shape[a] == 0)
+        return delta_rule_sharded(q, k, v, beta, mesh=self.mesh, batch_axes=BATCH_MESH_AXES, head_axes=heads, **kw)
 
     def _mix_step(self, q, k, v, beta, state):
         """The one-token op: q, k [B, H, K], v [B, H, V], beta [B, H] -> (o, new state)."""

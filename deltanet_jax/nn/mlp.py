@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deltanet_jax.nn.axes import linear_axes
+
 
 def mlp_intermediate_size(hidden_size: int, hidden_ratio: int | float | None = 4,
                           intermediate_size: int | None = None) -> int:
@@ -27,9 +29,9 @@ class GatedMLP(nnx.Module):
         self.hidden_size = hidden_size
         self.intermediate_size = mlp_intermediate_size(hidden_size, hidden_ratio, intermediate_size)
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
-        self.gate_proj = nnx.Linear(hidden_size, self.intermediate_size, **kw)
-        self.up_proj = nnx.Linear(hidden_size, self.intermediate_size, **kw)
-        self.down_proj = nnx.Linear(self.intermediate_size, hidden_size, **kw)
+        self.gate_proj = nnx.Linear(hidden_size, self.intermediate_size, **kw, **linear_axes("embed", "mlp"))
+        self.up_proj = nnx.Linear(hidden_size, self.intermediate_size, **kw, **linear_axes("embed", "mlp"))
+        self.down_proj = nnx.Linear(self.intermediate_size, hidden_size, **kw, **linear_axes("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,7 +1,8 @@
 """RMS normalisation layers (fla's `RMSNorm` and `FusedRMSNormGated` semantics).
 
 Both compute in float32 whatever the input dtype and return the module's compute dtype
-(the input's dtype when none is set). The learnable `weight` starts at ones.
+(the input's dtype when none is set). The learnable `weight` starts at ones; its logical axis
+is "norm" (replicated by the sharding rules).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class RMSNorm(nnx.Module):
         self.num_features = num_features
         self.eps = float(eps)
         self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.weight = nnx.Param(jnp.ones((num_features,), param_dtype), logical_axes=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.num_features:
@@ -47,7 +48,7 @@ class GatedRMSNorm(nnx.Module):
         self.num_features = num_features
         self.eps = float(eps)
         self.dtype = dtype
-        self.weight = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.weight = nnx.Param(jnp.ones((num_features,), param_dtype), logical_axes=("norm",))
 
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
         if x.shape[-1] != self.num_features or gate.shape != x.shape:

@@ -75,11 +75,15 @@ def causal_conv1d_step(x_t: jax.Array, weight: jax.Array, state: jax.Array) -> t
 
 
 class ShortConvolution(nnx.Module):
-    """Bias-free causal depthwise conv + optional SiLU. x [B, T, D] -> [B, T, D]."""
+    """Bias-free causal depthwise conv + optional SiLU. x [B, T, D] -> [B, T, D].
+
+    `channel_axis` is the logical axis name of D (the weight's first axis) for sharding.
+    """
 
     def __init__(self, hidden_size: int, kernel_size: int = 4, *, activation: str | None = "silu",
                  dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
-                 kernel_init: nnx.Initializer = nnx.initializers.normal(0.02), rngs: nnx.Rngs):
+                 kernel_init: nnx.Initializer = nnx.initializers.normal(0.02), channel_axis: str | None = "heads",
+                 rngs: nnx.Rngs):
         if hidden_size <= 0 or kernel_size <= 0:
             raise ValueError(f"ShortConvolution needs positive hidden_size and kernel_size, "
                              f"got {hidden_size} and {kernel_size}")
@@ -90,7 +94,8 @@ class ShortConvolution(nnx.Module):
         self.kernel_size = kernel_size
         self.activation = activation
         self.dtype = dtype
-        self.weight = nnx.Param(kernel_init(rngs.params(), (hidden_size, 1, kernel_size), param_dtype))
+        self.weight = nnx.Param(kernel_init(rngs.params(), (hidden_size, 1, kernel_size), param_dtype),
+                                logical_axes=(channel_axis, None, None))
 
     def _activate(self, y: jax.Array, out_dtype) -> jax.Array:
         act = _ACTIVATIONS[self.activation]

@@ -45,9 +45,19 @@ class TrainConfig:
     implementation: str | None = _doc("delta-rule kernel: chunked, recurrent, pallas, or null (pallas on GPU, "
                                       "chunked elsewhere)", None)
     remat: bool = _doc("recompute each block's activations in the backward pass (saves memory)", False)
+    grad_accum: int = _doc("split each batch into this many micro-batches and sum their gradients (same update, "
+                           "less activation memory)", 1)
+    nan_policy: str = _doc("on a NaN/inf loss or gradient: stop (end the run with a message) or skip (leave the "
+                           "parameters and optimizer state unchanged for that step and go on)", "stop")
 
     def check(self) -> None:
-        _at_least(self, "train", ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every"), 1)
+        _at_least(self, "train", ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
+                                  "grad_accum"), 1)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
+                              f"train.grad_accum={self.grad_accum}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ConfigError(f"train.nan_policy must be stop or skip, got {self.nan_policy!r}")
         _at_least(self, "train", ("seed", "warmup_steps"), 0)
         _at_least(self, "train", ("weight_decay", "grad_clip", "min_lr"), 0.0)
         if not self.lr > 0:
@@ -71,6 +81,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = _doc("save a checkpoint every this many updates (0 = only at the end)", 500)
     keep: int = _doc("checkpoints kept on disk (oldest removed first)", 2)
+    async_save: bool = _doc("write checkpoints in a background thread while training goes on", True)
 
     def check(self) -> None:
         _at_least(self, "checkpoint", ("every_steps",), 0)

@@ -1,12 +1,18 @@
-"""Device mesh shape: the one place that turns `mesh.{data,fsdp,tensor}` into devices."""
+"""Device mesh: the one place that turns `mesh.{data,fsdp,tensor}` into devices, and the batch checks."""
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
 
 from deltanet_jax.train.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over these; "tensor" shards heads and the MLP
 
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
@@ -24,11 +30,34 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
     return {axis: num_devices // fixed if size == -1 else size for axis, size in sizes.items()}
 
 
-def check_supported(shape: dict[str, int]) -> None:
-    """Training runs on one device so far: reject meshes spanning more, naming them."""
-    if math.prod(shape.values()) > 1:
-        shown = " x ".join(f"{axis}={size}" for axis, size in shape.items())
+def check_mesh_fits(shape: dict[str, int], *, num_devices: int, process_count: int = 1) -> None:
+    """A mesh spanning several processes must use every device (each process holds part of it)."""
+    used = math.prod(shape.values())
+    if process_count > 1 and used != num_devices:
+        shown = " x ".join(f"mesh.{axis}={size}" for axis, size in shape.items())
+        raise ConfigError(f"mesh {shown} uses {used} of the {num_devices} devices of {process_count} processes; "
+                          "a multi-process mesh must use them all (set one axis to -1)")
+
+
+def check_batch(shape: dict[str, int], *, batch_size: int, grad_accum: int = 1) -> None:
+    """The batch must split evenly into `grad_accum` micro-batches, each over data x fsdp."""
+    rows = shape["data"] * shape["fsdp"]
+    if batch_size % (rows * grad_accum):
         raise ConfigError(
-            f"mesh {shown} spans {math.prod(shape.values())} devices; sharded training is not implemented "
-            "yet: use a mesh of one device (mesh.data=1 mesh.fsdp=1 mesh.tensor=1)"
+            f"train.batch_size={batch_size} must be divisible by mesh.data x mesh.fsdp = {rows}"
+            + (f" times train.grad_accum = {grad_accum} (= {rows * grad_accum})" if grad_accum > 1 else "")
         )
+
+
+def build_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh of axes ("data", "fsdp", "tensor") over the first prod(shape) of `devices` (default all).
+
+    Devices are laid out in `jax.devices()` order (process by process), "tensor" varying fastest, so
+    tensor-parallel groups sit on neighbouring devices of one host and "data" spans hosts.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = math.prod(shape[a] for a in MESH_AXES)
+    if n > len(devices):
+        raise ConfigError(f"mesh {shape} needs {n} devices, {len(devices)} available")
+    grid = np.array(devices[:n], dtype=object).reshape(tuple(shape[a] for a in MESH_AXES))
+    return Mesh(grid, MESH_AXES)

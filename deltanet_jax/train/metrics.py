@@ -1,4 +1,4 @@
-"""Run-directory records: config.json, metrics.jsonl, TensorBoard events and loss plots."""
+"""Run-directory records: config.json, metrics.jsonl, TensorBoard events, loss and throughput plots."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 LOSS_PLOT = "loss.png"
+THROUGHPUT_PLOT = "throughput.png"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -110,6 +111,36 @@ def plot_losses(run_dir: Path, records: list[dict[str, Any]] | None = None) -> P
     fig.tight_layout()
     path = Path(run_dir) / LOSS_PLOT
     tmp = path.with_name("loss.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_throughput(run_dir: Path, records: list[dict[str, Any]] | None = None) -> Path | None:
+    """Save throughput.png (training tokens/s, and MFU when known, against step); None without records."""
+    records = read_metrics(run_dir) if records is None else records
+    rate = [(r["step"], r["tokens_per_s"]) for r in records if "tokens_per_s" in r]
+    if not rate:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.plot(*zip(*rate), label="tokens/s", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training tokens / s")
+    ax.grid(alpha=0.3)
+    mfu = [(r["step"], 100 * r["mfu"]) for r in records if "mfu" in r]
+    if mfu:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*mfu), color="tab:orange", linewidth=1, label="MFU")
+        ax2.set_ylabel("model FLOPs utilisation (%)")
+    fig.tight_layout()
+    path = Path(run_dir) / THROUGHPUT_PLOT
+    tmp = path.with_name("throughput.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)

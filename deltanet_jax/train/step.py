@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 Batch = dict[str, jax.Array]
 
@@ -56,37 +57,90 @@ def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State, bat
     return cross_entropy_sum(logits, batch["targets"], mask)
 
 
+def _micro_batches(batch: Batch, grad_accum: int, batch_sharding: NamedSharding | None) -> Batch:
+    """[B, T] arrays -> [grad_accum, B / grad_accum, T]; micro-batch m holds rows m, m + k, m + 2k, ...
+    so every device keeps contributing rows of its own shard to each micro-batch."""
+
+    def split(x):
+        b = x.shape[0]
+        x = x.reshape((b // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+        if batch_sharding is not None:
+            spec = PartitionSpec(None, *batch_sharding.spec)
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(batch_sharding.mesh, spec))
+        return x
+
+    return {name: split(x) for name, x in batch.items()}
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, grad_accum: int = 1,
+    skip_nonfinite: bool = False, state_sharding: Any = None, batch_sharding: NamedSharding | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Jitted `(state, batch) -> (new_state, metrics)`; `state` is donated.
 
     batch: inputs [B, T] int32, targets [B, T] int32 (< 0 = ignored), optional segment_ids [B, T].
-    metrics: loss (mean over counted positions), grad_norm (before clipping).
+    `grad_accum` > 1 sums gradients over that many micro-batches (B must divide) in a scan, so the
+    update equals one over the whole batch with less activation memory. `skip_nonfinite` leaves
+    parameters and optimizer state unchanged when the loss or a gradient is NaN/inf.
+    `state_sharding` / `batch_sharding` (NamedSharding trees) pin the layouts for sharded training.
+    metrics: loss (mean over counted positions), grad_norm (before clipping), finite (bool).
     """
 
     def loss_fn(params, other, batch):
         total, count = _loss_terms(graphdef, params, other, batch)
         return total / jnp.maximum(count, 1.0)
 
+    def sum_fn(params, other, batch):
+        total, count = _loss_terms(graphdef, params, other, batch)
+        return total, count
+
+    def loss_and_grads(params, other, batch):
+        if grad_accum == 1:
+            return jax.value_and_grad(loss_fn)(params, other, batch)
+        micro = _micro_batches(batch, grad_accum, batch_sharding)
+
+        def body(carry, mb):
+            grads, total, count = carry
+            (t, c), g = jax.value_and_grad(sum_fn, has_aux=True)(params, other, mb)
+            return (jax.tree.map(jnp.add, grads, g), total + t, count + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, total, count), _ = jax.lax.scan(body, init, micro)
+        count = jnp.maximum(count, 1.0)
+        return total / count, jax.tree.map(lambda g: g / count, grads)
+
     def train_step(state: TrainState, batch: Batch):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.other, batch)
+        loss, grads = loss_and_grads(state.params, state.other, batch)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, other=state.other)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_sharding is None:
+        return jax.jit(train_step, donate_argnums=0)
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated))
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
+def make_eval_step(graphdef: nnx.GraphDef, *, state_sharding: Any = None,
+                   batch_sharding: NamedSharding | None = None
+                   ) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
     """Jitted `(state, batch) -> (summed loss, counted positions)` without gradients."""
 
-    @jax.jit
     def eval_step(state: TrainState, batch: Batch):
         return _loss_terms(graphdef, state.params, state.other, batch)
 
-    return eval_step
+    if state_sharding is None:
+        return jax.jit(eval_step)
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(eval_step, in_shardings=(state_sharding, batch_sharding), out_shardings=(replicated, replicated))
 
 
 def evaluate(eval_step: Callable, state: TrainState, batches: list[dict[str, Any]]) -> float:
