@@ -1,6 +1,7 @@
 """MQAR generator (Zoology's multi-query associative recall) and a tiny end-to-end experiment run."""
 
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -100,3 +101,91 @@ def test_recall_accuracy():
     assert recall_accuracy(np.array([[0, 5, 0, 1]]), y) == 0.5
     with pytest.raises(ValueError, match="shape"):
         recall_accuracy(np.zeros((1, 3)), y)
+
+
+# ---- the experiment ---------------------------------------------------------------------------------
+
+TINY = ["--vocab-size", "32", "--seq-len", "16", "--num-kv-pairs", "2", "--dims", "16", "--batch-size", "4",
+        "--train-examples", "16", "--test-examples", "8", "--max-steps", "4", "--eval-every", "2",
+        "--warmup-steps", "1"]
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_mqar_end_to_end_tiny(tmp_path):
+    from experiments import mqar
+
+    runs = mqar.main(TINY + ["--models", "deltanet", "--lrs", "1e-2", "--out", str(tmp_path)])
+    assert len(runs) == 1
+    rows = _read(tmp_path / "mqar_runs.csv")
+    best = _read(tmp_path / "mqar.csv")
+    assert [(r["model"], r["dim"]) for r in best] == [("deltanet", "16")]
+    for r in rows:
+        assert r["status"] in ("budget spent", "reached target")
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and int(r["steps"]) in (2, 4) and int(r["params"]) > 0
+    png = (tmp_path / "mqar.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    setting = (tmp_path / "mqar_setting.json").read_text()
+    assert "at most 4 updates of 4 sequences" in setting and "no short conv" in setting
+
+
+def test_mqar_model_configs():
+    from experiments import mqar
+
+    s = mqar.Setting()
+    delta, attn, linear = (mqar.model_config(m, 128, s) for m in ("deltanet", "attention", "linear"))
+    for c in (delta, attn, linear):
+        assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_heads) == (8192, 128, 2, 2)
+        assert not c.use_short_conv
+    assert delta.attn is None and delta.mixer == "delta"
+    assert attn.attn["layers"] == [0, 1] and attn.attn["num_heads"] == 2
+    assert linear.attn is None and linear.mixer == "linear"
+
+
+def test_mqar_grid_skips_solved_cells_and_respects_time_limit(tmp_path, monkeypatch):
+    from experiments import mqar
+
+    class FakeCell:
+        def __init__(self, model, dim, s):
+            self.model, self.dim, self.params = model, dim, 1000 + dim
+
+    def fake_run(cell, lr, train, test_batches, log, deadline):
+        solved = cell.model == "deltanet" and lr == 1e-2
+        return mqar.RunResult(cell.model, cell.dim, lr, params=cell.params, steps=3,
+                              accuracy=1.0 if solved else 0.25 + lr, status="reached target" if solved else
+                              "budget spent")
+
+    monkeypatch.setattr(mqar, "Cell", FakeCell)
+    monkeypatch.setattr(mqar, "train_run", fake_run)
+    s = mqar.Setting(vocab_size=32, seq_len=16, num_kv_pairs=2, models=("deltanet", "linear"), dims=(16, 32),
+                     lrs=(1e-2, 1e-3), batch_size=4, train_examples=8, test_examples=8)
+    runs = {(r.model, r.dim, r.lr): r for r in mqar.run_grid(s, tmp_path, log=lambda m: None)}
+    assert runs[("deltanet", 16, 1e-3)].status == "skipped (target reached)"
+    assert runs[("linear", 16, 1e-3)].status == "budget spent"
+    best = {(r["model"], r["dim"]): r for r in _read(tmp_path / "mqar.csv")}
+    assert float(best[("deltanet", "16")]["accuracy"]) == 1.0
+    assert float(best[("linear", "32")]["lr"]) == 1e-2  # 0.26 beats 0.251
+
+    s = dataclass_replace(s, time_limit=0.0)
+    runs = mqar.run_grid(s, tmp_path / "cut", log=lambda m: None)
+    assert all(r.status == "not run (time limit)" for r in runs)
+    assert (tmp_path / "cut" / "mqar.png").is_file()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--models", "deltanet,mamba"], "models must be among"),
+    (["--dims", "0"], "positive integers"),
+    (["--seq-len", "15"], "even"),
+    (["--dims", "31"], "multiple of num_heads"),
+])
+def test_mqar_refuses_bad_arguments(argv, match, capsys, tmp_path):
+    from experiments import mqar
+
+    with pytest.raises(SystemExit) as err:
+        mqar.main(TINY + argv + ["--out", str(tmp_path / "x")])
+    assert err.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()

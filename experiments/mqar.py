@@ -1,0 +1,463 @@
+"""Multi-query associative recall (MQAR): DeltaNet against attention and linear attention.
+
+    python -m experiments.mqar [--out DIR] [--quick] [--models deltanet,attention,linear] [--dims 64,128,...]
+
+The DeltaNet paper's setting (from Zoology): vocabulary 8192, sequences of 512 tokens holding 64
+key-value pairs, two-layer models with two heads and no short convolution, model dimension in
+{64, 128, 256, 512}. Three token mixers share everything else (SwiGLU MLPs, RMSNorm, the LM head):
+DeltaNet, softmax attention on both layers (Transformer++) and vanilla linear attention
+(`mixer="linear"`). Each (model, dimension) cell sweeps learning rates and keeps the best test
+accuracy (fraction of query positions answered right).
+
+The budget is smaller than Zoology's (stated in the output): a fixed pool of training examples
+visited for at most `--max-steps` updates per run, evaluation every `--eval-every` updates on a
+separate test set, early stop once test accuracy reaches `--target` (0.99). A cell that reaches
+the target skips its remaining learning rates (best accuracy cannot improve much on a stopped
+run). The sweep goes one learning rate at a time over all cells, so a `--time-limit` cut leaves
+every cell with a result. Writes to --out: `mqar_runs.csv` (every run), `mqar.csv` (best per cell),
+`mqar.png` (best accuracy against model dimension per model) and `mqar_setting.json`.
+
+`--quick` is a CPU-sized version, stated in the output too: 64-token sequences with 8 pairs over 64
+tokens, dimensions 32 and 64, one learning rate, 300 updates, and short convolutions on DeltaNet and
+linear attention so that recall is learned within a few hundred CPU updates (attention layers have
+no short convolution: in --quick, attention is held back by the budget, not by its capacity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+MODELS = ("deltanet", "attention", "linear")
+MODEL_LABELS = {"deltanet": "DeltaNet", "attention": "Transformer++ (attention)", "linear": "Linear attention"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Task, grid and budget of one invocation."""
+
+    vocab_size: int = 8192
+    seq_len: int = 512
+    num_kv_pairs: int = 64
+    power_a: float = 0.01
+    num_layers: int = 2
+    num_heads: int = 2
+    short_conv: bool = False  # the paper's setting has none
+    models: tuple[str, ...] = MODELS
+    dims: tuple[int, ...] = (64, 128, 256, 512)
+    lrs: tuple[float, ...] = (3e-3, 1e-3, 1e-2)
+    batch_size: int = 64
+    train_examples: int = 20_000
+    test_examples: int = 1_024
+    max_steps: int = 1_500
+    warmup_steps: int = 50
+    eval_every: int = 100
+    weight_decay: float = 0.1
+    target: float = 0.99
+    time_limit: float = 540.0  # seconds for the whole grid: a run going past it stops, later ones do not start
+    seed: int = 0
+    implementation: str | None = None  # delta-rule kernel (None: pallas on GPU, chunked elsewhere)
+
+    def budget_text(self) -> str:
+        epochs = self.max_steps * self.batch_size / self.train_examples
+        return (f"budget per run: at most {self.max_steps} updates of {self.batch_size} sequences "
+                f"({epochs:.1f} epochs of {self.train_examples} training examples), warmup {self.warmup_steps}, "
+                f"cosine decay to lr/10, test accuracy on {self.test_used} examples every {self.eval_every} "
+                f"updates, early stop at {self.target}; learning rates {', '.join(f'{lr:g}' for lr in self.lrs)} "
+                f"(a cell that reaches the target skips the rest); the grid stops at {self.time_limit:.0f} s")
+
+    @property
+    def test_used(self) -> int:
+        """Test examples evaluated (whole batches)."""
+        return self.test_examples // self.batch_size * self.batch_size
+
+    def task_text(self) -> str:
+        conv = "short conv on DeltaNet / linear-attention q, k, v" if self.short_conv else "no short conv"
+        return (f"MQAR: vocab {self.vocab_size}, seq len {self.seq_len}, {self.num_kv_pairs} key-value pairs, "
+                f"power a={self.power_a}; {self.num_layers} layers, {self.num_heads} heads, {conv}")
+
+
+QUICK = dict(vocab_size=64, seq_len=64, num_kv_pairs=8, short_conv=True, dims=(32, 64), lrs=(3e-3,),
+             batch_size=32, train_examples=4_000, test_examples=256, max_steps=300, warmup_steps=20,
+             eval_every=50, time_limit=900.0)
+
+
+def model_config(model: str, dim: int, s: Setting):
+    """The DeltaNetConfig of one grid cell."""
+    from deltanet_jax.model import DeltaNetConfig
+
+    common = dict(vocab_size=s.vocab_size, hidden_size=dim, num_hidden_layers=s.num_layers, num_heads=s.num_heads,
+                  use_short_conv=s.short_conv, max_position_embeddings=max(2048, s.seq_len))
+    if model == "deltanet":
+        return DeltaNetConfig(**common)
+    if model == "linear":
+        return DeltaNetConfig(**common, mixer="linear")
+    if model == "attention":
+        return DeltaNetConfig(**common, attn={"layers": list(range(s.num_layers)), "num_heads": s.num_heads,
+                                              "num_kv_heads": s.num_heads})
+    raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+
+
+@dataclasses.dataclass
+class RunResult:
+    model: str
+    dim: int
+    lr: float
+    params: int = 0
+    steps: int = 0
+    accuracy: float = math.nan
+    test_loss: float = math.nan
+    seconds: float = 0.0
+    status: str = "not run"  # reached target, budget spent, diverged, cut (time limit), skipped (target reached),
+    #                          not run (time limit)
+
+
+class Cell:
+    """One (model, dimension): the compiled steps shared by its learning-rate runs."""
+
+    def __init__(self, model: str, dim: int, s: Setting):
+        import jax
+        import jax.numpy as jnp
+        import optax
+        from flax import nnx
+
+        from deltanet_jax.model import DeltaNetForCausalLM, num_params
+        from deltanet_jax.train.optimizer import make_optimizer
+        from deltanet_jax.train.step import init_train_state, make_eval_step, make_train_step
+
+        self.model, self.dim, self.s = model, dim, s
+        self.config = model_config(model, dim, s)
+        self.dtype = jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+        # make_optimizer at lr 1 followed by a scale held in the optimizer state: the same update as
+        # make_optimizer(lr=lr, min_lr=lr/10), with lr an array, so one compiled step serves every lr.
+        base, self.schedule = make_optimizer(lr=1.0, min_lr=0.1, warmup_steps=s.warmup_steps,
+                                             total_steps=s.max_steps, weight_decay=s.weight_decay)
+        self.tx_for = lambda lr: optax.chain(base, optax.inject_hyperparams(optax.scale)(step_size=lr))
+        self._init_train_state, self._nnx, self._jnp = init_train_state, nnx, jnp
+        self._build = lambda seed: DeltaNetForCausalLM(self.config, rngs=nnx.Rngs(seed), dtype=self.dtype,
+                                                       implementation=s.implementation)
+        model0 = self._build(s.seed)
+        self.params = num_params(model0)
+        graphdef, _ = init_train_state(model0, self.tx_for(1.0))
+        self.train_step = make_train_step(graphdef, self.tx_for(1.0))
+        self.eval_step = make_eval_step(graphdef)
+
+        @jax.jit
+        def correct(state, batch):
+            logits = nnx.merge(graphdef, state.params, state.other)(batch["inputs"])
+            mask = batch["targets"] >= 0
+            hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
+            return hit.sum(), mask.sum()
+
+        self.correct = correct
+
+    def fresh_state(self, lr: float):
+        return self._init_train_state(self._build(self.s.seed), self.tx_for(lr))[1]
+
+
+def _batches(arrays: tuple[Any, Any], batch_size: int, seed: int):
+    """Endless shuffled batches {inputs, targets} over a fixed pool (a new permutation per epoch)."""
+    import numpy as np
+
+    inputs, targets = arrays
+    rng = np.random.default_rng(seed)
+    n = len(inputs)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i:i + batch_size]
+            yield {"inputs": inputs[idx], "targets": targets[idx]}
+
+
+def _evaluate(cell: Cell, state, test_batches) -> tuple[float, float]:
+    """(accuracy over query positions, mean loss over query positions) on the test set."""
+    hits = total = loss = 0.0
+    for batch in test_batches:
+        h, n = cell.correct(state, batch)
+        l_sum, _ = cell.eval_step(state, batch)
+        hits, total, loss = hits + float(h), total + float(n), loss + float(l_sum)
+    return hits / max(total, 1.0), loss / max(total, 1.0)
+
+
+def train_run(cell: Cell, lr: float, train, test_batches, log: Callable[[str], None],
+              deadline: float = math.inf) -> RunResult:
+    """Train one learning rate of `cell` until the target accuracy, the step budget or `deadline`
+    (a time.perf_counter() value; the run is then evaluated once more and marked as cut)."""
+    s = cell.s
+    result = RunResult(cell.model, cell.dim, lr, params=cell.params)
+    t0 = time.perf_counter()
+    state = cell.fresh_state(lr)
+    data = _batches(train, s.batch_size, seed=s.seed + 1)
+    tag = f"[{cell.model} d={cell.dim} lr={lr:g}]"
+    step = 0
+    result.status = "budget spent"
+    while step < s.max_steps:
+        state, metrics = cell.train_step(state, next(data))
+        step += 1
+        cut = time.perf_counter() > deadline
+        if step % s.eval_every == 0 or step == s.max_steps or cut:
+            train_loss = float(metrics["loss"])
+            if not math.isfinite(train_loss):
+                result.status = "diverged"
+                log(f"{tag} step {step}: training loss {train_loss}, stopped")
+                break
+            acc, test_loss = _evaluate(cell, state, test_batches)
+            result.steps, result.accuracy, result.test_loss = step, acc, test_loss
+            log(f"{tag} step {step:5d}  train loss {train_loss:.3f}  test loss {test_loss:.3f}  "
+                f"acc {acc:.3f}  ({time.perf_counter() - t0:.1f} s)")
+            if acc >= s.target:
+                result.status = "reached target"
+                break
+            if cut:
+                result.status = "cut (time limit)"
+                break
+    result.steps = max(result.steps, step)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print) -> list[RunResult]:
+    """Train the whole grid; write the CSVs, the plot and the setting; return every run."""
+    import jax
+
+    from deltanet_jax.data.synthetic import MQARConfig, multiquery_ar
+
+    task = MQARConfig(vocab_size=s.vocab_size, seq_len=s.seq_len, num_kv_pairs=s.num_kv_pairs, power_a=s.power_a)
+    for m in s.models:
+        model_config(m, s.dims[0], s)  # refuse bad models / dims before any work
+    for d in s.dims:
+        model_config(s.models[0], d, s)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = jax.devices()[0]
+    log(f"{s.task_text()}")
+    log(f"{s.budget_text()}")
+    log(f"device: {device.platform} ({device.device_kind})")
+    t_start = time.perf_counter()
+    train = multiquery_ar(s.train_examples, task, seed=s.seed)
+    test_inputs, test_targets = multiquery_ar(s.test_examples, task, seed=s.seed + 10_000)
+    test_batches = [{"inputs": test_inputs[i:i + s.batch_size], "targets": test_targets[i:i + s.batch_size]}
+                    for i in range(0, s.test_examples - s.batch_size + 1, s.batch_size)]
+    if not test_batches:
+        raise ValueError(f"test_examples={s.test_examples} must be at least batch_size={s.batch_size}")
+    log(f"data: {s.train_examples} training and {s.test_used} test examples "
+        f"generated in {time.perf_counter() - t_start:.1f} s")
+
+    cells: dict[tuple[str, int], Cell] = {}
+    results = {(m, d, lr): RunResult(m, d, lr) for m in s.models for d in s.dims for lr in s.lrs}
+    solved: set[tuple[str, int]] = set()
+    for lr in s.lrs:  # one learning rate at a time over all cells
+        for m in s.models:
+            for d in s.dims:
+                r = results[(m, d, lr)]
+                if (m, d) in solved:
+                    r.status = "skipped (target reached)"
+                    continue
+                if time.perf_counter() - t_start > s.time_limit:
+                    r.status = "not run (time limit)"
+                    continue
+                if (m, d) not in cells:
+                    t0 = time.perf_counter()
+                    cells[(m, d)] = Cell(m, d, s)
+                    log(f"[{m} d={d}] {cells[(m, d)].params:,} parameters (built in {time.perf_counter() - t0:.1f} s)")
+                r = train_run(cells[(m, d)], lr, train, test_batches, log, deadline=t_start + s.time_limit)
+                r.params = cells[(m, d)].params
+                results[(m, d, lr)] = r
+                if r.status == "reached target":
+                    solved.add((m, d))
+        # free compiled steps of solved cells early
+        for key in solved:
+            cells.pop(key, None)
+    runs = list(results.values())
+    for r in runs:
+        if not r.params:
+            r.params = _param_count(r.model, r.dim, s)
+    best = best_per_cell(runs, s)
+    write_outputs(out_dir, s, runs, best, time.perf_counter() - t_start, f"{device.platform} ({device.device_kind})")
+    log(f"total {time.perf_counter() - t_start:.0f} s")
+    log(format_table(best, s))
+    log(f"wrote {out_dir / 'mqar.csv'}, {out_dir / 'mqar_runs.csv'}, {out_dir / 'mqar.png'}")
+    return runs
+
+
+def _param_count(model: str, dim: int, s: Setting) -> int:
+    from flax import nnx
+
+    from deltanet_jax.model import DeltaNetForCausalLM, num_params
+
+    return num_params(nnx.eval_shape(lambda: DeltaNetForCausalLM(model_config(model, dim, s), rngs=nnx.Rngs(0))))
+
+
+def best_per_cell(runs: list[RunResult], s: Setting) -> list[RunResult]:
+    """The run with the highest accuracy of each (model, dim), in grid order (NaN when none ran)."""
+    best = []
+    for m in s.models:
+        for d in s.dims:
+            cell = [r for r in runs if r.model == m and r.dim == d and math.isfinite(r.accuracy)]
+            if cell:
+                best.append(max(cell, key=lambda r: (r.accuracy, -r.steps)))
+            else:
+                best.append(next(r for r in runs if r.model == m and r.dim == d))
+    return best
+
+
+FIELDS = ("model", "dim", "lr", "params", "steps", "accuracy", "test_loss", "seconds", "status")
+
+
+def _write_csv(path: Path, rows: list[RunResult]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            row = dataclasses.asdict(r)
+            row["accuracy"] = f"{r.accuracy:.4f}"
+            row["test_loss"] = f"{r.test_loss:.4f}"
+            row["seconds"] = f"{r.seconds:.1f}"
+            w.writerow(row)
+
+
+def write_outputs(out_dir: Path, s: Setting, runs: list[RunResult], best: list[RunResult], seconds: float,
+                  device: str) -> None:
+    _write_csv(out_dir / "mqar_runs.csv", runs)
+    _write_csv(out_dir / "mqar.csv", best)
+    setting = dataclasses.asdict(s) | {"task": s.task_text(), "budget": s.budget_text(), "device": device,
+                                       "total_seconds": round(seconds, 1)}
+    (out_dir / "mqar_setting.json").write_text(json.dumps(setting, indent=2) + "\n")
+    plot(out_dir / "mqar.png", s, best)
+
+
+def plot(path: Path, s: Setting, best: list[RunResult]) -> None:
+    """Best test accuracy against model dimension, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = {"deltanet": "o", "attention": "s", "linear": "^"}
+    for m in s.models:
+        pts = [(r.dim, r.accuracy) for r in best if r.model == m]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(m, "o"), label=MODEL_LABELS.get(m, m))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(s.dims))
+    ax.set_xticklabels([str(d) for d in s.dims])
+    ax.set_ylim(-0.02, 1.02)
+    ax.axhline(s.target, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("model dimension")
+    ax.set_ylabel("MQAR accuracy (best learning rate)")
+    ax.set_title(f"MQAR, seq len {s.seq_len}, {s.num_kv_pairs} key-value pairs, vocab {s.vocab_size}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(best: list[RunResult], s: Setting) -> str:
+    """Best accuracy per cell as a markdown table (models as rows, dims as columns)."""
+    lines = ["| model | " + " | ".join(f"d={d}" for d in s.dims) + " |",
+             "|---|" + "---|" * len(s.dims)]
+    for m in s.models:
+        cells = [r for r in best if r.model == m]
+        lines.append(f"| {MODEL_LABELS.get(m, m)} | " + " | ".join(
+            "—" if not math.isfinite(r.accuracy) else f"{r.accuracy:.3f}" for r in cells) + " |")
+    return "\n".join(lines)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _models(text: str) -> tuple[str, ...]:
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in values if v not in MODELS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"models must be among {', '.join(MODELS)}, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.mqar", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/mqar"), help="output folder (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU-sized setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--models", type=_models, help=f"comma-separated subset of {', '.join(MODELS)} (default all)")
+    p.add_argument("--dims", type=_int_list, help="model dimensions (default 64,128,256,512)")
+    p.add_argument("--lrs", type=_float_list, help="learning rates in the order tried (default 3e-3,1e-3,1e-2)")
+    defaults = Setting()
+    for name, kind in (("vocab-size", int), ("seq-len", int), ("num-kv-pairs", int), ("batch-size", int),
+                       ("train-examples", int), ("test-examples", int), ("max-steps", int), ("warmup-steps", int),
+                       ("eval-every", int), ("seed", int), ("target", float), ("time-limit", float),
+                       ("power-a", float), ("weight-decay", float)):
+        p.add_argument(f"--{name}", type=kind, help=f"default {getattr(defaults, name.replace('-', '_'))}")
+    p.add_argument("--short-conv", action="store_const", const=True,
+                   help="give DeltaNet and linear attention their short convolutions (the paper's setting has none)")
+    p.add_argument("--implementation", choices=("chunked", "recurrent", "pallas"),
+                   help="delta-rule kernel (default: pallas on GPU, chunked elsewhere)")
+    return p
+
+
+def setting_from_args(args: argparse.Namespace) -> Setting:
+    values: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for field in dataclasses.fields(Setting):
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = given
+    s = Setting(**values)
+    for name in ("batch_size", "train_examples", "test_examples", "max_steps", "eval_every", "num_layers",
+                 "num_heads"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    if s.warmup_steps < 0 or s.seed < 0 or s.weight_decay < 0:
+        raise ValueError("warmup-steps, seed and weight-decay must be >= 0")
+    if s.train_examples < s.batch_size or s.test_examples < s.batch_size:
+        raise ValueError(f"train-examples and test-examples must be at least batch-size ({s.batch_size})")
+    if not 0 < s.target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {s.target}")
+    from deltanet_jax.data.synthetic import MQARConfig
+
+    MQARConfig(vocab_size=s.vocab_size, seq_len=s.seq_len, num_kv_pairs=s.num_kv_pairs, power_a=s.power_a)
+    for m in s.models:
+        for d in s.dims:
+            model_config(m, d, s)
+    return s
+
+
+def main(argv: Sequence[str] | None = None) -> list[RunResult]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        s = setting_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.quick:
+        print("--quick: a CPU-sized version of the paper's setting (values below)")
+    return run_grid(s, args.out, log=lambda msg: print(msg, flush=True))
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
