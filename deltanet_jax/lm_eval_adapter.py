@@ -190,21 +190,39 @@ class DeltaNetLM(_LMBase):
         return out
 
 
-def evaluate_tasks(model: DeltaNetForCausalLM, tokenizer: Any, tasks: Sequence[str], *, limit: int | None = None,
-                   include_path: str | None = None, batch_size: int = 16, num_fewshot: int | None = None
-                   ) -> dict[str, dict[str, float]]:
-    """Run lm_eval `tasks` (zero-shot unless `num_fewshot`) -> {task: {metric: value}} (numbers only)."""
-    check_tasks_available()
-    import lm_eval
+def task_manager(tasks: Sequence[str], include_path: str | None = None, include_defaults: bool = True):
+    """An lm_eval TaskManager knowing `tasks`. Tasks all found under `include_path` skip indexing
+    lm_eval's thousands of built-in task files (tens of seconds); ValueError names unknown tasks."""
     from lm_eval.tasks import TaskManager
 
     if not tasks:
         raise ValueError("no tasks given")
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
-    known = set(manager.all_tasks)
-    unknown = [t for t in tasks if t not in known]
+    manager = None
+    if include_path:
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if include_defaults and not all(t in manager.all_tasks for t in tasks):
+            manager = None
+    if manager is None:
+        if not include_defaults:
+            raise ValueError("include_defaults=False needs an include_path")
+        manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm_eval task(s): {', '.join(unknown)}")
+    return manager
+
+
+def evaluate_tasks(model: DeltaNetForCausalLM, tokenizer: Any, tasks: Sequence[str], *, limit: int | None = None,
+                   include_path: str | None = None, include_defaults: bool = True, batch_size: int = 16,
+                   num_fewshot: int | None = None, manager: Any = None) -> dict[str, dict[str, float]]:
+    """Run lm_eval `tasks` (zero-shot unless `num_fewshot`) -> {task: {metric: value}} (numbers only).
+
+    `manager`: a `task_manager(...)` made beforehand (else one is made here)."""
+    check_tasks_available()
+    import lm_eval
+
+    if manager is None:
+        manager = task_manager(tasks, include_path, include_defaults)
     lm = DeltaNetLM(model, tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
                                   num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0)
@@ -216,4 +234,4 @@ def evaluate_tasks(model: DeltaNetForCausalLM, tokenizer: Any, tasks: Sequence[s
     return scores
 
 
-__all__ = ["DeltaNetLM", "HAVE_LM_EVAL", "check_tasks_available", "evaluate_tasks"]
+__all__ = ["DeltaNetLM", "HAVE_LM_EVAL", "check_tasks_available", "evaluate_tasks", "task_manager"]

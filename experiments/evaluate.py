@@ -104,10 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = read_run_config(args.run_dir)
         dc = data_config(config, args.data, args.tokenizer, args.run_dir)
         tokenizer = check_data(dc, vocab_size=config.model.vocab_size)
+        manager = None
         if args.tasks is not None:
-            from deltanet_jax.lm_eval_adapter import check_tasks_available
+            from deltanet_jax.lm_eval_adapter import check_tasks_available, task_manager
 
             check_tasks_available()
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+            manager = task_manager(tasks, args.include_path)
         loaded = load_model(args.run_dir, step=args.step)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -119,8 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tasks is not None:
         from deltanet_jax.lm_eval_adapter import evaluate_tasks
 
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        scores = evaluate_tasks(loaded.model, tokenizer, tasks, limit=args.limit, include_path=args.include_path)
+        scores = evaluate_tasks(loaded.model, tokenizer, tasks, limit=args.limit, manager=manager)
         for task, metrics in scores.items():
             print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         results["lm_eval"] = scores

@@ -177,7 +177,7 @@ metric_list:
 """
 
 
-def test_lm_eval_adapter_scores_a_local_task(model, tmp_path, monkeypatch):
+def test_lm_eval_adapter_scores_a_local_task(run_dir, model, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     from deltanet_jax.lm_eval_adapter import DeltaNetLM, evaluate_tasks
 
@@ -195,8 +195,12 @@ def test_lm_eval_adapter_scores_a_local_task(model, tmp_path, monkeypatch):
     (tasks / "tiny_choice.yaml").write_text(CHOICE_YAML.format(data=tmp_path / "choice.jsonl"))
     (tasks / "tiny_gen.yaml").write_text(GEN_YAML.format(data=tmp_path / "gen.jsonl"))
 
-    scores = evaluate_tasks(model, ByteTokenizer(), ["tiny_choice", "tiny_gen"], include_path=str(tasks),
-                            batch_size=4)
+    with pytest.raises(ValueError, match="unknown lm_eval task"):
+        evaluate_tasks(model, ByteTokenizer(), ["no_such_task"], include_path=str(tasks), include_defaults=False)
+    out = tmp_path / "out"
+    assert _evaluate(["--run-dir", run_dir, "--tasks", "tiny_choice,tiny_gen", "--include-path", tasks,
+                      "--out", out]) == 0
+    scores = json.loads((out / "evaluation.json").read_text())["lm_eval"]
 
     # accuracy from our own log-likelihoods (a direct forward pass per choice)
     def loglik(context, continuation):
