@@ -221,3 +221,33 @@ def test_gpu_cached_greedy_equals_recomputation_with_the_pallas_prefill():
         assert cached == generate(model, PROMPTS, max_new_tokens=NEW, use_cache=False)
         chunked = DeltaNetForCausalLM(config, rngs=nnx.Rngs(0), implementation="chunked")
         assert generate(chunked, PROMPTS, max_new_tokens=NEW) == cached
+
+
+def test_cli_text_stream_and_the_tokenizer_json_of_a_moved_run(tmp_path):
+    pytest.importorskip("tokenizers")
+    import types
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from deltanet_jax.data import ByteTokenizer, HFTokenizer
+    from experiments.generate import TextStream, resolve_tokenizer
+
+    text = "héllo wörld, the cat sat"
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text, "the mat"], trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = types.SimpleNamespace(data=types.SimpleNamespace(tokenizer="/moved/away/tokenizer.json"))
+    hf = resolve_tokenizer(tmp_path, None, config)  # the recorded path is gone: the run dir's copy
+    assert isinstance(hf, HFTokenizer) and hf.eos_id is not None
+    assert isinstance(resolve_tokenizer(tmp_path, "byte", config), ByteTokenizer)
+    for tokenizer in (hf, ByteTokenizer()):
+        out = io.StringIO()
+        stream = TextStream(tokenizer, out)
+        for t in tokenizer.encode(text):  # one token at a time: no half characters printed
+            stream.add([int(t)])
+            assert "\ufffd" not in out.getvalue()
+        stream.add([], final=True)
+        assert out.getvalue() == text
