@@ -112,6 +112,18 @@ def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFA
     return type(state)(step=replicated, params=params, opt_state=opt, other=other)
 
 
+def gathered(shardings: Any, axis: str = "fsdp") -> Any:
+    """The shardings with mesh `axis` removed: how FSDP-sharded parameters are used inside the step
+    (all-gathered along fsdp right before use, so activations stay split over the batch; their
+    gradients are reduce-scattered back to the stored sharding)."""
+
+    def drop(entry):
+        axes = tuple(a for a in _as_tuple(entry) if a != axis)
+        return None if not axes else axes[0] if len(axes) == 1 else axes
+
+    return jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(*(drop(e) for e in s.spec))), shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a [B, T] batch array: rows split over data x fsdp, T whole."""
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)

@@ -75,6 +75,7 @@ def _micro_batches(batch: Batch, grad_accum: int, batch_sharding: NamedSharding 
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, grad_accum: int = 1,
     skip_nonfinite: bool = False, state_sharding: Any = None, batch_sharding: NamedSharding | None = None,
+    compute_sharding: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Jitted `(state, batch) -> (new_state, metrics)`; `state` is donated.
 
@@ -82,16 +83,20 @@ def make_train_step(
     `grad_accum` > 1 sums gradients over that many micro-batches (B must divide) in a scan, so the
     update equals one over the whole batch with less activation memory. `skip_nonfinite` leaves
     parameters and optimizer state unchanged when the loss or a gradient is NaN/inf.
-    `state_sharding` / `batch_sharding` (NamedSharding trees) pin the layouts for sharded training.
+    `state_sharding` / `batch_sharding` (NamedSharding trees) pin the layouts for sharded training;
+    `compute_sharding` (a tree like the params) is the layout parameters are gathered to for use (FSDP).
     metrics: loss (mean over counted positions), grad_norm (before clipping), finite (bool).
     """
 
+    def gather(params):
+        return params if compute_sharding is None else jax.lax.with_sharding_constraint(params, compute_sharding)
+
     def loss_fn(params, other, batch):
-        total, count = _loss_terms(graphdef, params, other, batch)
+        total, count = _loss_terms(graphdef, gather(params), other, batch)
         return total / jnp.maximum(count, 1.0)
 
     def sum_fn(params, other, batch):
-        total, count = _loss_terms(graphdef, params, other, batch)
+        total, count = _loss_terms(graphdef, gather(params), other, batch)
         return total, count
 
     def loss_and_grads(params, other, batch):
@@ -130,12 +135,16 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, state_sharding: Any = None,
-                   batch_sharding: NamedSharding | None = None
+                   batch_sharding: NamedSharding | None = None, compute_sharding: Any = None
                    ) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
-    """Jitted `(state, batch) -> (summed loss, counted positions)` without gradients."""
+    """Jitted `(state, batch) -> (summed loss, counted positions)` without gradients (shardings as in
+    `make_train_step`)."""
 
     def eval_step(state: TrainState, batch: Batch):
-        return _loss_terms(graphdef, state.params, state.other, batch)
+        params = state.params
+        if compute_sharding is not None:
+            params = jax.lax.with_sharding_constraint(params, compute_sharding)
+        return _loss_terms(graphdef, params, state.other, batch)
 
     if state_sharding is None:
         return jax.jit(eval_step)

@@ -31,7 +31,7 @@ from deltanet_jax.train.metrics import (MetricsWriter, plot_losses, plot_through
                                         write_config)
 from deltanet_jax.train.optimizer import make_optimizer
 from deltanet_jax.train.run_dir import RunDirPlan
-from deltanet_jax.train.sharding import batch_sharding, state_shardings
+from deltanet_jax.train.sharding import batch_sharding, gathered, state_shardings
 from deltanet_jax.train.step import TrainState, evaluate, init_train_state, make_eval_step, make_train_step
 
 
@@ -211,8 +211,10 @@ def train(
 
     skip = tc.nan_policy == "skip"
     train_step = make_train_step(setup.graphdef, setup.tx, grad_accum=tc.grad_accum, skip_nonfinite=skip,
-                                 state_sharding=setup.shardings, batch_sharding=bsh)
-    eval_step = make_eval_step(setup.graphdef, state_sharding=setup.shardings, batch_sharding=bsh)
+                                 state_sharding=setup.shardings, batch_sharding=bsh,
+                                 compute_sharding=gathered(setup.shardings.params))
+    eval_step = make_eval_step(setup.graphdef, state_sharding=setup.shardings, batch_sharding=bsh,
+                               compute_sharding=gathered(setup.shardings.params))
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_per_token = train_flops_per_token(config.model, tc.seq_len)
     peak = peak_flops(device, dtype)
