@@ -4,8 +4,9 @@ Prompts of different lengths are left-padded to a shared bucket length P with se
 last prompt token of every row sits at position P - 1 and the model's caches hold each row's own
 prompt (recurrent and short-convolution states restart at the segment start; attention caches
 count positions within the segment). Decoding then runs one token per step in a `lax.while_loop`
-inside `jax.jit`: no host round trip and no recompilation per token. Compiled functions are keyed
-by (batch, P, max_new_tokens, sampling settings), so repeated calls reuse them.
+inside `jax.jit`: no host round trip and no recompilation per token. Each model compiles once per
+(batch, P, max_new_tokens, greedy / sampled / filtered); temperature, top-k, top-p, stop tokens and
+seeds are traced values, so changing them reuses the compiled loop.
 
 Tokens after a row's stop token are not produced for that row (the stop token itself is kept).
 `use_cache=False` recomputes the whole forward pass over the [B, P + max_new_tokens] buffer at
