@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None):
 
     import jax
 
-    from deltanet_jax.data import check_corpus
+    from deltanet_jax.data import check_data
     from deltanet_jax.train.config import ConfigError, RunConfig, apply_overrides
     from deltanet_jax.train.distributed import initialize
     from deltanet_jax.train.run_dir import RunDirError, plan_run_dir
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None):
             return dry_run(config)
         initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
         run_mesh(config)
-        check_corpus(config.data.corpus)
+        check_data(config.data, vocab_size=config.model.vocab_size)
         run_dir = args.run_dir
         if run_dir is None and jax.process_count() > 1:
             raise ValueError("--run-dir is required with several processes (they must share one directory)")

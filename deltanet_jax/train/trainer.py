@@ -324,6 +324,7 @@ def train(
         if writer is not None:
             writer.close()
         checkpointer.close()
+        data.close()
 
     if stop.signum is not None and step < tc.steps:
         if lead:
