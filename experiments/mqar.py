@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-MODELS = ("deltanet", "attention", "linear")
+MODELS = ("deltanet", "linear", "attention")
 MODEL_LABELS = {"deltanet": "DeltaNet", "attention": "Transformer++ (attention)", "linear": "Linear attention"}
 
 
@@ -86,7 +86,7 @@ class Setting:
 
 QUICK = dict(vocab_size=64, seq_len=64, num_kv_pairs=8, short_conv=True, dims=(32, 64), lrs=(3e-3,),
              batch_size=32, train_examples=4_000, test_examples=256, max_steps=300, warmup_steps=20,
-             eval_every=50, time_limit=900.0)
+             eval_every=50, time_limit=1800.0)
 
 
 def model_config(model: str, dim: int, s: Setting):
@@ -103,6 +103,13 @@ def model_config(model: str, dim: int, s: Setting):
         return DeltaNetConfig(**common, attn={"layers": list(range(s.num_layers)), "num_heads": s.num_heads,
                                               "num_kv_heads": s.num_heads})
     raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+
+
+def scaled_optimizer(base, lr: float):
+    """`base` (make_optimizer at lr=1, min_lr=0.1) times `lr`, with lr kept in the optimizer state."""
+    import optax
+
+    return optax.chain(base, optax.inject_hyperparams(optax.scale)(step_size=lr))
 
 
 @dataclasses.dataclass
@@ -125,7 +132,6 @@ class Cell:
     def __init__(self, model: str, dim: int, s: Setting):
         import jax
         import jax.numpy as jnp
-        import optax
         from flax import nnx
 
         from deltanet_jax.model import DeltaNetForCausalLM, num_params
@@ -139,8 +145,8 @@ class Cell:
         # make_optimizer(lr=lr, min_lr=lr/10), with lr an array, so one compiled step serves every lr.
         base, self.schedule = make_optimizer(lr=1.0, min_lr=0.1, warmup_steps=s.warmup_steps,
                                              total_steps=s.max_steps, weight_decay=s.weight_decay)
-        self.tx_for = lambda lr: optax.chain(base, optax.inject_hyperparams(optax.scale)(step_size=lr))
-        self._init_train_state, self._nnx, self._jnp = init_train_state, nnx, jnp
+        self.tx_for = lambda lr: scaled_optimizer(base, lr)
+        self._init_train_state = init_train_state
         self._build = lambda seed: DeltaNetForCausalLM(self.config, rngs=nnx.Rngs(seed), dtype=self.dtype,
                                                        implementation=s.implementation)
         model0 = self._build(s.seed)
@@ -340,7 +346,7 @@ def plot(path: Path, s: Setting, best: list[RunResult]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    markers = {"deltanet": "o", "attention": "s", "linear": "^"}
+    markers = {"deltanet": "o", "linear": "^", "attention": "s"}
     for m in s.models:
         pts = [(r.dim, r.accuracy) for r in best if r.model == m]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(m, "o"), label=MODEL_LABELS.get(m, m))
@@ -351,7 +357,9 @@ def plot(path: Path, s: Setting, best: list[RunResult]) -> None:
     ax.axhline(s.target, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("model dimension")
     ax.set_ylabel("MQAR accuracy (best learning rate)")
-    ax.set_title(f"MQAR, seq len {s.seq_len}, {s.num_kv_pairs} key-value pairs, vocab {s.vocab_size}", fontsize=10)
+    conv = ", short conv on DeltaNet / linear" if s.short_conv else ""
+    ax.set_title(f"MQAR, seq len {s.seq_len}, {s.num_kv_pairs} key-value pairs, vocab {s.vocab_size}{conv}",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     fig.tight_layout()

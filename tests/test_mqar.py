@@ -145,6 +145,28 @@ def test_mqar_model_configs():
     assert linear.attn is None and linear.mixer == "linear"
 
 
+def test_scaled_optimizer_equals_make_optimizer_at_that_lr():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from deltanet_jax.train.optimizer import make_optimizer
+    from experiments.mqar import scaled_optimizer
+
+    kw = dict(warmup_steps=2, total_steps=6, weight_decay=0.1)
+    params = {"w": jnp.arange(6.0).reshape(2, 3) / 7, "b": jnp.ones(3)}
+    ref, _ = make_optimizer(lr=3e-3, min_lr=3e-4, **kw)
+    ours = scaled_optimizer(make_optimizer(lr=1.0, min_lr=0.1, **kw)[0], 3e-3)
+    p_ref, p_ours, s_ref, s_ours = params, params, ref.init(params), ours.init(params)
+    for i in range(6):
+        g = jax.tree.map(lambda x: jnp.sin(x * (i + 1)), p_ref)
+        u_ref, s_ref = ref.update(g, s_ref, p_ref)
+        u_ours, s_ours = ours.update(g, s_ours, p_ours)
+        p_ref, p_ours = optax.apply_updates(p_ref, u_ref), optax.apply_updates(p_ours, u_ours)
+    for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_ours)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_mqar_grid_skips_solved_cells_and_respects_time_limit(tmp_path, monkeypatch):
     from experiments import mqar
 

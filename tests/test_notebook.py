@@ -13,7 +13,6 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb
 
 def test_quickstart_notebook_executes(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # "python3" resolves to ipykernel running under the interpreter executing this test (this venv).
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,
