@@ -98,7 +98,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 # Unoptimised XLA code compiles twice as fast; every layout and the reference share the flags.
-FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+         "--xla_llvm_disable_expensive_passes=true")
 
 
 def test_mesh_layouts_match_one_device_and_follow_the_rules():

@@ -249,7 +249,8 @@ def test_logical_axes_map_onto_the_mesh():
 def test_every_parameter_names_its_axes():
     model = DeltaNetForCausalLM(DeltaNetConfig(**TINY_MODEL, attn={"layers": [0], "num_heads": 2}),
                                 rngs=nnx.Rngs(0))
-    flat = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    flat = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param), is_leaf=is_var)
     assert flat
     for path, var in flat:
         axes = var.get_metadata().get("logical_axes")

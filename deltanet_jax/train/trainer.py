@@ -35,6 +35,9 @@ from deltanet_jax.train.sharding import batch_sharding, gathered, state_sharding
 from deltanet_jax.train.step import TrainState, evaluate, init_train_state, make_eval_step, make_train_step
 
 
+STOP_CHECK_EVERY = 10  # steps between multi-process checks for a stop signal
+
+
 @dataclasses.dataclass(frozen=True)
 class RunResult:
     step: int  # updates applied in total
@@ -262,7 +265,10 @@ def train(
     try:
         with stop:
             while step < tc.steps:
-                if any_process(stop.signum is not None):
+                # Several processes agree on stopping (a collective) only every few steps, so the host
+                # keeps running ahead of the devices; one process just reads its flag.
+                check_stop = jax.process_count() == 1 or step % STOP_CHECK_EVERY == 0
+                if check_stop and any_process(stop.signum is not None):
                     break
                 batch = global_batch(next(data), bsh, tc.batch_size)
                 state, metrics = train_step(state, batch)
