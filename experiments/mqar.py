@@ -18,7 +18,7 @@ every cell with a result. Writes to --out: `mqar_runs.csv` (every run), `mqar.cs
 `mqar.png` (best accuracy against model dimension per model) and `mqar_setting.json`.
 
 `--quick` is a CPU-sized version, stated in the output too: 64-token sequences with 8 pairs over 64
-tokens, dimensions 32 and 64, one learning rate, 300 updates, and short convolutions on DeltaNet and
+tokens, dimensions 16 and 32, one learning rate, 300 updates, and short convolutions on DeltaNet and
 linear attention so that recall is learned within a few hundred CPU updates (attention layers have
 no short convolution: in --quick, attention is held back by the budget, not by its capacity).
 """
@@ -84,7 +84,7 @@ class Setting:
                 f"power a={self.power_a}; {self.num_layers} layers, {self.num_heads} heads, {conv}")
 
 
-QUICK = dict(vocab_size=64, seq_len=64, num_kv_pairs=8, short_conv=True, dims=(32, 64), lrs=(3e-3,),
+QUICK = dict(vocab_size=64, seq_len=64, num_kv_pairs=8, short_conv=True, dims=(16, 32), lrs=(3e-3,),
              batch_size=32, train_examples=4_000, test_examples=256, max_steps=300, warmup_steps=20,
              eval_every=50, time_limit=1800.0)
 
