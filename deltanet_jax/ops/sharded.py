@@ -51,9 +51,10 @@ def delta_rule_sharded(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array
     def local(*a):
         h0 = a[4] if has_h0 else None
         seg = a[4 + has_h0] if has_seg else None
-        o, s = delta_rule(*a[:4], scale=scale, initial_state=h0, output_final_state=True, segment_ids=seg,
-                          qk_l2norm=qk_l2norm, implementation=implementation)
-        return o, s
+        o, s = delta_rule(*a[:4], scale=scale, initial_state=h0, output_final_state=output_final_state,
+                          segment_ids=seg, qk_l2norm=qk_l2norm, implementation=implementation)
+        return (o, s) if output_final_state else o
 
-    o, s = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=(seq, state), check_vma=False)(*args)
-    return o, (s if output_final_state else None)
+    out_specs = (seq, state) if output_final_state else seq
+    out = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)(*args)
+    return out if output_final_state else (out, None)
