@@ -188,17 +188,6 @@ class DecodeState(NamedTuple):
     key: jax.Array
 
 
-def _prefill_last(model: DeltaNetForCausalLM, ids: jax.Array, segment_ids: jax.Array,
-                  max_length: int) -> tuple[jax.Array, tuple]:
-    """The model's prefill, projecting only the last position to logits: -> (logits [B, V], cache)."""
-    h = model.model.embeddings(ids)
-    caches = []
-    for layer in model.model.layers:
-        h, cache = layer.prefill(h, segment_ids, max_length)
-        caches.append(cache)
-    return model.logits(model.model.norm(h[:, -1])), tuple(caches)
-
-
 def _start(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array, segment_ids: jax.Array, key: jax.Array,
            sampling: SamplingParams, *, mode: SamplingMode, use_cache: bool, max_new_tokens: int) -> DecodeState:
     """ids, segment_ids [B, P] left-padded -> the loop's initial state.
@@ -214,7 +203,7 @@ def _start(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array, segment_id
         zero = jnp.zeros((b,), jnp.int32)
         return DecodeState((buf, seg), zero, zero.astype(bool), jnp.zeros((), jnp.int32), key)
     model = nnx.merge(graphdef, params)
-    logits, cache = _prefill_last(model, ids, segment_ids, total)
+    logits, cache = model.prefill(ids, segment_ids, total, last_only=True)
     token = sample_tokens(logits, jax.random.fold_in(key, 0), mode, sampling)
     return DecodeState(cache, token, _is_stop(token, sampling), jnp.ones((), jnp.int32), key)
 

@@ -380,12 +380,13 @@ class DeltaNetForCausalLM(nnx.Module):
         return tuple(layer.init_cache(batch_size, max_length) for layer in self.model.layers)
 
     def prefill(self, input_ids: jax.Array, segment_ids: jax.Array | None = None,
-                max_length: int | None = None) -> tuple[jax.Array, ModelCache]:
+                max_length: int | None = None, last_only: bool = False) -> tuple[jax.Array, ModelCache]:
         """Run prompts: input_ids [B, T] -> (logits [B, T, vocab] float32, cache after the last token).
 
         Prompts of different lengths are left-padded with segment id 0 (the cache is the state of
         each row's last segment). `max_length` (prompt plus generated tokens) sizes the KV caches
-        of global attention layers (default `max_position_embeddings`).
+        of global attention layers (default `max_position_embeddings`). `last_only` projects only
+        the last position: logits [B, vocab] (what decoding needs, without a [B, T, vocab] array).
         """
         self._check_ids(input_ids, "input_ids", 2)
         if segment_ids is not None:
@@ -397,7 +398,7 @@ class DeltaNetForCausalLM(nnx.Module):
         for layer in self.model.layers:
             h, cache = layer.prefill(h, segment_ids, max_length)
             caches.append(cache)
-        return self.logits(self.model.norm(h)), tuple(caches)
+        return self.logits(self.model.norm(h[:, -1] if last_only else h)), tuple(caches)
 
     def decode_step(self, token_ids: jax.Array, cache: ModelCache) -> tuple[jax.Array, ModelCache]:
         """One token per row: token_ids [B] int -> (logits [B, vocab] float32, new cache)."""

@@ -191,6 +191,9 @@ def test_prefill_then_decode_equals_full_forward():
     prompt_logits, step_logits = _prefill_decode(model, ids, None, 17)
     np.testing.assert_allclose(prompt_logits, full[:, :17], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(step_logits, full[:, 17:], rtol=1e-4, atol=1e-4)
+    last, _ = model.prefill(ids[:, :17], last_only=True)
+    assert last.shape == (3, full.shape[-1])
+    np.testing.assert_allclose(last, prompt_logits[:, -1], rtol=1e-6, atol=1e-6)
 
 
 def test_left_padded_prompts_decode_like_unpadded_ones():
