@@ -108,13 +108,7 @@ def plot_losses(run_dir: Path, records: list[dict[str, Any]] | None = None) -> P
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(run_dir) / LOSS_PLOT
-    tmp = path.with_name("loss.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, Path(run_dir) / LOSS_PLOT)
 
 
 def plot_throughput(run_dir: Path, records: list[dict[str, Any]] | None = None) -> Path | None:
@@ -138,9 +132,15 @@ def plot_throughput(run_dir: Path, records: list[dict[str, Any]] | None = None) 
         ax2 = ax.twinx()
         ax2.plot(*zip(*mfu), color="tab:orange", linewidth=1, label="MFU")
         ax2.set_ylabel("model FLOPs utilisation (%)")
+    return _save_figure(fig, Path(run_dir) / THROUGHPUT_PLOT)
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Write `fig` to `path` through a temporary file (never a half-written PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = Path(run_dir) / THROUGHPUT_PLOT
-    tmp = path.with_name("throughput.tmp.png")
+    tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
