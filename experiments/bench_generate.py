@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 import jax
@@ -28,20 +26,14 @@ from flax import nnx
 from deltanet_jax.generation import generate
 from deltanet_jax.model import DeltaNetConfig, DeltaNetForCausalLM
 from experiments.benchmarks_md import update_section
+from experiments.timing import median_ms
 
 QUICK_MODEL = dict(vocab_size=256, hidden_size=32, num_hidden_layers=1, num_heads=2, intermediate_size=64)
 
 
 def median_s(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
     """Median wall time (s) of `fn()` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_ms(fn, sync=lambda _: None, reps=reps, warmup=warmup) / 1e3
 
 
 def model_config(preset: str, quick: bool) -> DeltaNetConfig:

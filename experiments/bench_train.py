@@ -20,10 +20,8 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 SIZES = {"340m": "deltanet-340m", "1.3b": "deltanet-1.3b"}
@@ -36,15 +34,11 @@ def _model_section(preset: str) -> dict[str, Any]:
     return dict(load_preset(preset)[1]["model"])
 
 
-def _median_step(step, reps: int, warmup: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+def _median_s(step, reps: int, warmup: int) -> float:
+    """Median seconds of `step()`, which blocks until its work is done."""
+    from experiments.timing import median_ms
+
+    return median_ms(step, sync=lambda _: None, reps=reps, warmup=warmup) / 1e3
 
 
 def worker_ours(preset: str, batch: int, seq: int, reps: int, warmup: int, param_dtype: str, devices: int,
@@ -90,7 +84,7 @@ def worker_ours(preset: str, batch: int, seq: int, reps: int, warmup: int, param
         jax.block_until_ready(metrics["loss"])
         return metrics
 
-    seconds, _ = _median_step(step, reps, warmup)
+    seconds = _median_s(step, reps, warmup)
     loss = float(step()["loss"])
     stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
     peak_bytes = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0)
@@ -128,7 +122,7 @@ def worker_fla(preset: str, batch: int, seq: int, reps: int, warmup: int) -> dic
         holder["loss"] = loss
 
     torch.cuda.reset_peak_memory_stats(device)
-    seconds, _ = _median_step(step, reps, warmup)
+    seconds = _median_s(step, reps, warmup)
     return {"impl": "fla", "devices": 1, "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30, "mfu": None,
             "loss": float(holder["loss"]), "params": sum(p.numel() for p in model.parameters()),
