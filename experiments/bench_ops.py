@@ -4,6 +4,7 @@ state), bf16 inputs; regenerates the ops section of BENCHMARKS.md.
 
     python -m experiments.bench_ops                 # full table, writes BENCHMARKS.md
     python -m experiments.bench_ops --sweep         # also time launch choices of each kernel
+    python -m experiments.bench_ops --breakdown     # also time each kernel, ours and fla's
     python -m experiments.bench_ops --quick --no-write   # tiny shapes, any backend (a smoke test)
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from deltanet_jax.ops import delta_rule
 from experiments.benchmarks_md import update_section
-from experiments.timing import median_ms
+from experiments.timing import median_ms, pipelined_ms
 
 SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (16, 2048, 32, 64), (1, 32768, 16, 128)]
 QUICK_SHAPES = [(1, 128, 2, 16)]
@@ -110,12 +111,12 @@ def bench_fla(fla, np_inputs, reps, peak=False):
 
 SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
     "wy": ((0,), (1, 2, 4), (1, 2)),
-    "wy_apply": ((0,), (2, 4), (1, 2)),
+    "wy_apply": ((0,), (1, 2, 4), (1, 2)),
     "fwd": ((32, 64), (4, 8), (1, 2, 3)),
     "states": ((32, 64), (4, 8), (1, 2, 3)),
     "state_grads": ((32, 64), (4, 8), (1, 2, 3)),
-    "dqkw": ((32, 64), (4, 8), (1, 2)),
-    "wy_bwd": ((64,), (2, 4, 8), (1, 2)),
+    "dqkw": ((32, 64), (2, 4, 8), (1, 2)),
+    "wy_bwd": ((32, 64), (2, 4, 8), (1, 2)),
 }
 
 
@@ -150,13 +151,94 @@ def sweep(shape, reps, kernels):
         for bv in bvs:
             for L in (Launch(w_, s_) for w_ in warps for s_ in stages):
                 try:
-                    ms = median_ms(lambda: cands[name](L, bv), reps=reps)
+                    ms = pipelined_ms(lambda: cands[name](L, bv), reps=max(3, reps // 4))
                 except Exception as err:  # a launch the compiler refuses (resources) is skipped
                     ms = float("nan")
                     print(f"  {name} bv={bv} {L}: {type(err).__name__}", file=sys.stderr)
-                rows.append(dict(kernel=name, block_v=bv, num_warps=L.num_warps, num_stages=L.num_stages, ms=ms))
+                rows.append(dict(shape=shape, kernel=name, block_v=bv, num_warps=L.num_warps, num_stages=L.num_stages, ms=ms))
                 print(f"sweep {shape} {name:12s} bv={bv:3d} warps={L.num_warps} stages={L.num_stages}: {ms:.3f} ms",
                       flush=True)
+    return rows
+
+
+def breakdown(shape, calls: int = 20, with_fla: bool = True) -> list:
+    """Device time of each kernel of the forward and backward passes alone at one shape, with the
+    launch choices the op uses (`KernelConfig.for_shape`), and of each of fla's kernels when
+    importable; prints and returns rows (impl, kernel, ms)."""
+    from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
+    from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
+    from pallas_kernels.delta_rule.common import KernelConfig, Static
+    from pallas_kernels.delta_rule.wy import wy_apply, wy_prepare
+
+    B, T, H, D = shape
+    np_in = make_inputs(shape)
+    q, k, v, beta, h0, do = (jnp.asarray(x) for x in np_in)
+    q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
+    st = Static(scale=D ** -0.5, qk_l2norm=False, has_segments=False, interpret=jax.default_backend() != "gpu")
+    cf = KernelConfig.for_shape(D, D, B * H)
+    w, u, tm, p = wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=cf.wy)
+    vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=cf.fwd_block_v, launch=cf.states)
+    dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=cf.bwd_block_v,
+                                   launch=cf.state_grads)
+    _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=cf.dqkw_block_v, launch=cf.dqkw)
+    ours = {
+        "fwd: wy_prepare (+T)": lambda: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=cf.wy),
+        "fwd: chunk_forward": lambda: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=cf.fwd_block_v,
+                                                    launch=cf.fwd),
+        "bwd: wy_apply": lambda: wy_apply(k, v, beta, tm, q, None, static=st, launch=cf.wy_apply),
+        "bwd: chunk_states": lambda: chunk_forward(q, k, w, u, None, h0, static=st, states=True,
+                                                   block_v=cf.fwd_block_v, launch=cf.states),
+        "bwd: chunk_state_grads": lambda: chunk_state_grads(q, k, w, do, p, None, None, static=st,
+                                                            block_v=cf.bwd_block_v, launch=cf.state_grads),
+        "bwd: chunk_dqkw": lambda: chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st,
+                                              block_v=cf.dqkw_block_v, launch=cf.dqkw),
+        "bwd: wy_backward": lambda: wy_backward(k, v, beta, tm, dw, dvn, dkp, None, static=st,
+                                                block_v=cf.wy_bwd_block_v, launch=cf.wy_bwd),
+    }
+    rows = []
+
+    def record(impl, name, fn, sync):
+        ms = pipelined_ms(fn, sync=sync, calls=calls)
+        rows.append(dict(shape=shape, impl=impl, kernel=name, ms=ms))
+        print(f"breakdown {shape} {impl:6s} {name:28s} {ms:.3f} ms", flush=True)
+
+    for name, fn in ours.items():
+        record("pallas", name, fn, jax.block_until_ready)
+    fla = load_fla() if with_fla else None
+    if fla is None:
+        return rows
+    torch = fla[0]
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local, chunk_fwd_o
+    from fla.ops.delta_rule.wy_fast import prepare_wy_repr_bwd, prepare_wy_repr_fwd, recompute_w_u_fwd
+
+    tq, tk, tv, tb, th0, tdo = (torch.from_numpy(x).cuda() for x in np_in)
+    tq, tk, tv, tdo, tb = (x.to(torch.bfloat16) for x in (tq, tk, tv, tdo, tb))
+    scale = D ** -0.5
+    with torch.no_grad():
+        tw, tu, ta = prepare_wy_repr_fwd(k=tk, v=tv, beta=tb, cu_seqlens=None)
+        th, tvn, _ = chunk_gated_delta_rule_fwd_h(k=tk, w=tw, u=tu, initial_state=th0, output_final_state=True)
+        tdv = chunk_bwd_dv_local(q=tq, k=tk, do=tdo, scale=scale)
+        tdh, _, tdv2 = chunk_gated_delta_rule_bwd_dhu(q=tq, k=tk, w=tw, do=tdo, dv=tdv, h0=th0, scale=scale)
+        _, tdk, tdw = chunk_bwd_dqkwg(q=tq, k=tk, v=tvn, do=tdo, h=th, dh=tdh, w=tw, dv=tdv2, scale=scale)[:3]
+        theirs = {
+            "fwd: prepare_wy_repr_fwd": lambda: prepare_wy_repr_fwd(k=tk, v=tv, beta=tb, cu_seqlens=None),
+            "fwd: fwd_h": lambda: chunk_gated_delta_rule_fwd_h(k=tk, w=tw, u=tu, initial_state=th0,
+                                                              output_final_state=True),
+            "fwd: fwd_o": lambda: chunk_fwd_o(q=tq, k=tk, v=tvn, h=th, scale=scale),
+            "bwd: recompute_w_u": lambda: recompute_w_u_fwd(k=tk, v=tv, beta=tb, A=ta, cu_seqlens=None),
+            "bwd: fwd_h": lambda: chunk_gated_delta_rule_fwd_h(k=tk, w=tw, u=tu, initial_state=th0),
+            "bwd: dv_local": lambda: chunk_bwd_dv_local(q=tq, k=tk, do=tdo, scale=scale),
+            "bwd: bwd_dhu": lambda: chunk_gated_delta_rule_bwd_dhu(q=tq, k=tk, w=tw, do=tdo, dv=tdv, h0=th0,
+                                                                   scale=scale),
+            "bwd: dqkwg": lambda: chunk_bwd_dqkwg(q=tq, k=tk, v=tvn, do=tdo, h=th, dh=tdh, w=tw, dv=tdv2,
+                                                  scale=scale),
+            "bwd: prepare_wy_repr_bwd": lambda: prepare_wy_repr_bwd(k=tk, v=tv, beta=tb, A=ta, dw=tdw, du=tdv2,
+                                                                    cu_seqlens=None),
+            "bwd: dk add": lambda: tdk.add(tdk),
+        }
+        for name, fn in theirs.items():
+            record("fla", name, fn, lambda _: torch.cuda.synchronize())
     return rows
 
 
@@ -203,10 +285,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny shapes, no fla, no BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     ap.add_argument("--sweep", nargs="*", metavar="KERNEL", choices=sorted(SWEEPS),
-                    help=f"time launch choices of these kernels first (all if none named): {', '.join(SWEEPS)}")
+                    help=f"first time launch choices of these kernels at every shape (all if none named): {', '.join(SWEEPS)}")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="first time each kernel of the forward and backward alone, ours and fla's, at every shape")
     ap.add_argument("--json", help="also write the raw results to this JSON file")
     ap.add_argument("--shapes", type=parse_shapes, help="comma-separated BxTxHxD shapes instead of the standard"
                     " four, e.g. 8x2048x16x128,2x8192x16x128")
+    ap.add_argument("--no-fla", action="store_true", help="leave fla out even when it is importable")
+    ap.add_argument("--skip-table", action="store_true", help="only the sweep and the breakdown, no end-to-end table")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory comparison")
     ap.add_argument("--skip-decode", action="store_true", help="skip the decoding-step comparison")
     args = ap.parse_args(argv)
@@ -217,14 +303,16 @@ def main(argv=None):
         ap.error("the op benchmark needs a GPU (use --quick for a smoke test on this backend)")
     gpu = jax.devices()[0].device_kind
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
-    write = not args.quick and not args.no_write
-    fla = None if args.quick else load_fla()
+    write = not (args.quick or args.no_write or args.skip_table)
+    fla = None if args.quick or args.no_fla else load_fla()
     results = dict(gpu=gpu, jax=jax.__version__, date=datetime.date.today().isoformat(), rows=[],
                    command="python -m experiments.bench_ops" + "".join(" " + a for a in (argv or sys.argv[1:])),
                    fla=None if fla is None else fla[2])
     if args.sweep is not None:
-        results["sweep"] = sweep(shapes[0], args.reps, args.sweep or list(SWEEPS))
-    for shape in shapes:
+        results["sweep"] = [row for shape in shapes for row in sweep(shape, args.reps, args.sweep or list(SWEEPS))]
+    if args.breakdown:
+        results["breakdown"] = [row for shape in shapes for row in breakdown(shape, with_fla=fla is not None)]
+    for shape in ([] if args.skip_table else shapes):
         np_in = make_inputs(shape)
         arrays = [jnp.asarray(x) for x in np_in]
         arrays = [x.astype(jnp.bfloat16) if i in (0, 1, 2, 5) else x for i, x in enumerate(arrays)]
@@ -286,6 +374,24 @@ def render(res) -> str:
         lines += ["", f"Peak memory of forward+backward at {tuple(m['shape'])} (inputs included): "
                       f"Pallas {m['pallas_gib']:.2f} GiB (compiled arguments + outputs + temporaries), "
                       f"fla {fla_mem} (torch max allocated)."]
+    if res.get("breakdown"):
+        lines += ["", "Each kernel alone (`--breakdown`): device ms per call from back-to-back calls, the launch"
+                      " choices the op uses; fla's kernels as its `chunk_delta_rule` calls them.", "",
+                  "| B, T, H, D | impl | forward kernels | fwd sum | backward kernels | bwd sum |",
+                  "|---|---|---|---|---|---|"]
+        for shape in dict.fromkeys(tuple(r["shape"]) for r in res["breakdown"]):
+            for impl in dict.fromkeys(r["impl"] for r in res["breakdown"]):
+                parts = {}
+                for r in res["breakdown"]:
+                    if tuple(r["shape"]) == shape and r["impl"] == impl:
+                        stage, name = r["kernel"].split(": ", 1)
+                        parts.setdefault(stage, []).append((name, r["ms"]))
+                if not parts:
+                    continue
+                cell = lambda st: " · ".join(f"{n} {ms:.3f}" for n, ms in parts.get(st, []))
+                total = lambda st: f"{sum(ms for _, ms in parts.get(st, [])):.3f}"
+                lines.append(f"| {', '.join(map(str, shape))} | {impl} | {cell('fwd')} | {total('fwd')} | "
+                             f"{cell('bwd')} | {total('bwd')} |")
     if res.get("decode"):
         lines += ["", "Decoding step (`delta_rule_step` with qk_l2norm, bf16 q/k/v, float32 state), microseconds"
                       " per token inside one jitted loop:", "",

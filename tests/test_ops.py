@@ -1,6 +1,7 @@
 """The reference implementations ("recurrent", "chunked") against an independent float64 loop."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -183,3 +184,35 @@ def test_jitted_reduction_matches_eager(impl):
     eager = float(f(q, k, v, beta))
     np.testing.assert_allclose(float(jax.jit(f)(q, k, v, beta)), eager, rtol=1e-4)
     assert abs(eager - float(np.sum(delta_rule_numpy(q, k, v, beta)[0]))) < 1e-3 * abs(eager) + 1e-2
+
+
+def _float32_dots(jaxpr):
+    """(primitive params, operand dtypes) of every dot_general in a jaxpr, sub-jaxprs included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn.params, [v.aval.dtype for v in eqn.invars]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _float32_dots(sub)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_reference_products_are_full_float32(impl, grad):
+    """The references are ground truth on every backend: no float32 product may run at the default
+    precision, which is TF32 (~1e-3 relative error) on recent GPUs. Checked on the traced program,
+    forward and backward, with segments, so it holds without a GPU."""
+    q, k, v, beta, s0 = make_inputs(0, 1, 70, 2, 16, 8)
+    seg = jnp.asarray(np.repeat([1, 2], [30, 40])[None], jnp.int32)
+
+    def f(q, k, v, beta, s0):
+        o, s = delta_rule(q, k, v, beta, initial_state=s0, output_final_state=True, segment_ids=seg,
+                          implementation=impl)
+        return jnp.sum(o) + jnp.sum(s)
+
+    closed = jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2, 3, 4)) if grad else f)(q, k, v, beta, s0)
+    dots = [(params, dtypes) for params, dtypes in _float32_dots(closed.jaxpr) if jnp.float32 in dtypes]
+    assert dots, "no float32 products traced"
+    highest = jax.lax.Precision.HIGHEST
+    for params, dtypes in dots:
+        precision = params["precision"]
+        assert precision is not None and all(p == highest for p in precision), (precision, dtypes)

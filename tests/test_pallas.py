@@ -71,3 +71,26 @@ def test_pallas_decode_step_matches_xla_step(K, V, l2):
     assert rel_err(o.astype(jnp.float32), o_ref.astype(jnp.float32)) < 1e-2  # bf16 output rounding
     with pytest.raises(ValueError, match="implementation"):
         delta_rule_step(q, k, v, beta, state, implementation="cuda")
+
+
+@pytest.mark.parametrize("case", ["random", "identical-keys-beta1", "identical-keys-beta2", "segments"])
+def test_inverse_unit_lower16_matches_numpy(case):
+    """The 16x16 diagonal-block inverse, float32 against float64, including repeated keys with beta 1
+    and 2 (a reflection), where a Neumann-product inverse would lose digits."""
+    from pallas_kernels.delta_rule.common import inverse_unit_lower16
+
+    rng = np.random.default_rng(4)
+    k = rng.standard_normal((16, 64))
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
+    beta = rng.uniform(0, 1, 16)
+    if case.startswith("identical"):
+        k = np.ones((16, 64)) / 8.0
+        beta = np.full(16, 1.0 if case.endswith("beta1") else 2.0)
+    a = np.tril((beta[:, None] * k) @ k.T, -1)
+    if case == "segments":
+        seg = np.repeat([0, 1, 2], [5, 6, 5])
+        a = np.where(seg[:, None] == seg[None, :], a, 0.0)
+    t = np.asarray(inverse_unit_lower16([jnp.asarray(a, jnp.float32)])[0], np.float64)
+    ref = np.linalg.inv(np.eye(16) + a)
+    # float32 rounding of a (|a| <= 2) through 15 substitution steps: a few ulps of max |T|.
+    assert np.abs(t - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())

@@ -35,7 +35,7 @@ def _state_grads_kernel(*refs, static: Static, has_dht: bool, n_chunks: int):
     pos += static.has_segments
     dht_ref = refs[pos] if has_dht else None
     pos += has_dht
-    dv_ref, dh0_ref, dh_ref = refs[pos:pos + 3]        # [T, BV] f32, [K, BV] f32, [NT, K, BV]
+    dv_ref, dh0_ref, dh_ref = refs[pos:pos + 3]        # [T, BV], [K, BV] f32, [NT, K, BV]
     dtype = k_ref.dtype
     K, BV = dh0_ref.shape
     ds0 = dht_ref[...].astype(jnp.float32) if has_dht else jnp.zeros((K, BV), jnp.float32)
@@ -50,7 +50,7 @@ def _state_grads_kernel(*refs, static: Static, has_dht: bool, n_chunks: int):
         dh_ref[c] = ds.astype(dh_ref.dtype)
         kds = mm(k_c, ds, dtype, static)
         dv = mm(p_ref[rows, :], do_c, dtype, static, "tn") + (kds if m_last is None else jnp.where(m_last, kds, 0.0))
-        dv_ref[rows, :] = dv
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
         if m_in is not None:
             do_c, dv = jnp.where(m_in, do_c, 0.0), jnp.where(m_in, dv, 0.0)
         kept = ds if carry is None else jnp.where(carry, ds, 0.0)
@@ -65,8 +65,9 @@ def chunk_state_grads(q, k, w, do, p, idx, dht, *, static: Static, block_v: int 
     """q, k, w `[B, T, H, K]`, do `[B, T, H, V]`, p `[B, T, H, 64]` (the chunks' P = scale tril(Q K^T)),
     idx `[B, T]` or None, dht `[B, H, K, V]` or None.
 
-    Returns `(dv_new [B, T, H, V] f32, dh0 [B, H, K, V] f32, dh [B, NT, H, K, V])` where dh[:, c]
-    is the gradient of the state leaving chunk c."""
+    Returns `(dv_new [B, T, H, V], dh0 [B, H, K, V] f32, dh [B, NT, H, K, V])` where dh[:, c] is the
+    gradient of the state leaving chunk c; dv_new and dh in q's dtype (float32 for float32 inputs),
+    the precision the per-chunk kernels multiply them in."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     bv = min(block_v, V)
@@ -83,7 +84,7 @@ def chunk_state_grads(q, k, w, do, p, idx, dht, *, static: Static, block_v: int 
         in_specs.append(kv)
         args.append(dht)
     h_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
-    out_shape = (jax.ShapeDtypeStruct((B, T, H, V), jnp.float32), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
+    out_shape = (jax.ShapeDtypeStruct((B, T, H, V), h_dtype), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, nt, H, K, V), h_dtype))
     out_specs = (tile, kv, pl.BlockSpec((None, nt, None, K, bv), lambda j, b, h: (b, 0, h, 0, j)))
     return pl.pallas_call(
@@ -124,8 +125,8 @@ def _dqkw_kernel(*refs, static: Static, block_v: int):
     if static.qk_l2norm:
         dq = l2normalize_bwd(q_hat, q_rstd, dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk
-    dw_ref[...] = dw
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dw_ref[...] = dw.astype(dw_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "block_v", "launch"))
@@ -134,8 +135,8 @@ def chunk_dqkw(q, k, v_new, dv_new, do, h, dh, idx, *, static: Static, block_v: 
     """Per-chunk gradients through the state scan. q, k `[B, T, H, K]`, v_new, dv_new, do
     `[B, T, H, V]`, h, dh `[B, NT, H, K, V]`, idx `[B, T]` or None.
 
-    Returns dq `[B, T, H, K]` (q's dtype, final), and float32 `[B, T, H, K]` partial dk (with respect
-    to the normalised keys) and dW."""
+    Returns dq `[B, T, H, K]` (final), the partial dk (with respect to the normalised keys) and dW,
+    all in q's dtype."""
     B, T, H, K = q.shape
     V = v_new.shape[-1]
     bv = min(block_v, V)
@@ -146,8 +147,7 @@ def chunk_dqkw(q, k, v_new, dv_new, do, h, dh, idx, *, static: Static, block_v: 
     if static.has_segments:
         in_specs.append(pl.BlockSpec((None, T), lambda c, b, hh: (b, 0)))
         args.append(idx)
-    out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(k.shape, jnp.float32))
+    out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype),) * 3
     return pl.pallas_call(
         functools.partial(_dqkw_kernel, static=static, block_v=bv),
         out_shape=out_shape, grid=(T // CHUNK, B, H), in_specs=in_specs, out_specs=(rows(K), rows(K), rows(K)),
@@ -179,9 +179,9 @@ def _wy_bwd_kernel(*refs, static: Static, block_v: int):
     dw = dw_ref[...]
     d_t += mm(dw, k_hat * beta, dtype, static, "nt")
     tdw = mm(tmat, dw, dtype, static, "tn")
-    dk = dk_ref[...] + tdw * beta
+    dk = dk_ref[...].astype(f32) + tdw * beta
     db += jnp.sum(k_hat * tdw, axis=1)
-    d_a = -mm(mm(tmat, d_t, f32, static, "tn"), tmat, f32, static, "nt")
+    d_a = -mm(mm(tmat, d_t, dtype, static, "tn"), tmat, dtype, static, "nt")
     keep = iota2(CHUNK, CHUNK, 0) > iota2(CHUNK, CHUNK, 1)
     if static.has_segments:
         idx = idx_ref[pl.ds(pl.program_id(0) * CHUNK, CHUNK)]
@@ -202,7 +202,8 @@ def wy_backward(k, v, beta, tmat, dw, du, dk_partial, idx, *, static: Static, bl
     """Gradients through W = T (beta K), U = T (beta V), T = (I + A)^{-1}, A = tril(diag(beta) K K^T).
 
     k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, tmat `[B, T, H, 64]`, dw, dk_partial
-    `[B, T, H, K]` f32, du `[B, T, H, V]` f32, idx `[B, T]` or None.
+    `[B, T, H, K]`, du `[B, T, H, V]`, idx `[B, T]` or None (T, dw, dk_partial and du in k's dtype,
+    float32 for float32 inputs).
     Returns dk (k's dtype), dv (v's dtype) and dbeta `[B, T, H]` float32."""
     B, T, H, K = k.shape
     V = v.shape[-1]

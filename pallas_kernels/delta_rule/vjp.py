@@ -1,7 +1,8 @@
 """`chunk_delta_rule`: the Pallas chunked delta rule with a custom VJP.
 
 Forward: `wy_prepare` (T = (I + A)^{-1}, W, U and P = scale tril(Q K^T) per chunk, parallel) then
-`chunk_forward` (the state scan). Saved for the backward pass: the inputs and T (float32, `[B, T, H, 64]`: O(T * C) per head).
+`chunk_forward` (the state scan). Saved for the backward pass: the inputs and T (`[B, T, H, 64]` in
+the inputs' dtype: O(T * C) per head).
 The backward pass recomputes W, U and P from T (`wy_apply`), the state entering each chunk and V'
 (`chunk_forward(states=True)`), runs the reverse state scan (`chunk_state_grads`) and finishes with
 per-chunk gradients (`chunk_dqkw`, `wy_backward`). The chunk states of the recompute live only

@@ -5,7 +5,8 @@
     W = T (beta K),  U = T (beta V)
     P = scale * tril(Q K^T)          (masked to same-segment pairs; with Q given)
 
-Optionally writes T (float32 `[B, T, H, C]`, row-major per chunk) for the backward pass. P is the
+Optionally writes T (`[B, T, H, C]` in k's dtype, row-major per chunk: W and U multiply it in that
+dtype anyway) for the backward pass. P is the
 intra-chunk attention the state scans would otherwise recompute for every V-tile.
 """
 
@@ -74,7 +75,7 @@ def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool):
         if with_t:
             for j in range(n):
                 block = t[i, j] if j <= i else jnp.zeros((BLOCK, BLOCK), jnp.float32)
-                t_ref[rows, pl.ds(j * BLOCK, BLOCK)] = block
+                t_ref[rows, pl.ds(j * BLOCK, BLOCK)] = block.astype(t_ref.dtype)
     if with_p:
         p_ref[...] = intra_chunk_scores(q_ref, k_ref, idx_ref[...] if static.has_segments else None,
                                         static).astype(p_ref.dtype)
@@ -86,7 +87,7 @@ def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, q=None, *, stat
     """k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, idx `[B, T]` int32 or None, T % 64 == 0,
     q `[B, T, H, K]` or None.
 
-    Returns W `[B, T, H, K]`, U `[B, T, H, V]` in k's dtype, then T `[B, T, H, 64]` float32 if
+    Returns W `[B, T, H, K]`, U `[B, T, H, V]` in k's dtype, then T `[B, T, H, 64]` in k's dtype if
     `with_t`, then P `[B, T, H, 64]` in q's dtype if q is given."""
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -105,7 +106,7 @@ def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, q=None, *, stat
     out_specs = [pl.BlockSpec((None, CHUNK, None, K), lambda c, b, h: (b, c, h, 0)),
                  pl.BlockSpec((None, CHUNK, None, V), lambda c, b, h: (b, c, h, 0))]
     if with_t:
-        out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), k.dtype))
         out_specs.append(pl.BlockSpec((None, CHUNK, None, CHUNK), lambda c, b, h: (b, c, h, 0)))
     if q is not None:
         out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), q.dtype))
@@ -134,7 +135,7 @@ def _wy_apply_kernel(*refs, static: Static):
 @functools.partial(jax.jit, static_argnames=("static", "launch"))
 def wy_apply(k: jax.Array, v: jax.Array, beta: jax.Array, tmat: jax.Array, q: jax.Array, idx, *,
              static: Static, launch: Launch = Launch(4, 2)):
-    """W = T (beta K), U = T (beta V) from a saved T `[B, T, H, 64]` (float32), and P = scale *
+    """W = T (beta K), U = T (beta V) from a saved T `[B, T, H, 64]` (k's dtype), and P = scale *
     tril(Q K^T): the backward pass's cheap recompute. Returns W `[B, T, H, K]`, U `[B, T, H, V]` in
     k's dtype and P `[B, T, H, 64]` in q's dtype."""
     B, T, H, K = k.shape
