@@ -11,6 +11,7 @@ state), bf16 inputs; regenerates the ops section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -42,20 +43,35 @@ def make_inputs(shape, seed=0):
     return q, k, v, beta, h0, do
 
 
-def jax_fns(impl):
-    def fwd(q, k, v, beta, h0):
-        return delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True, implementation=impl)
+def jax_fns(impl, config=None):
+    """Jitted forward and forward+backward of `delta_rule`; with a `KernelConfig`, the Pallas kernels
+    called directly with those launch choices."""
+    def op(q, k, v, beta, h0):
+        if config is None:
+            return delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True, implementation=impl)
+        from pallas_kernels.delta_rule import chunk_delta_rule
+        return chunk_delta_rule(q, k, v, beta, scale=q.shape[-1] ** -0.5, initial_state=h0, config=config,
+                                interpret=jax.default_backend() != "gpu")
 
     def fwd_bwd(q, k, v, beta, h0, do):
-        o, pull = jax.vjp(lambda *a: delta_rule(*a[:4], initial_state=a[4], implementation=impl)[0],
-                          q, k, v, beta, h0)
+        o, pull = jax.vjp(lambda *a: op(*a)[0], q, k, v, beta, h0)
         return o, pull(do)
-    return jax.jit(fwd), jax.jit(fwd_bwd)
+    return jax.jit(op), jax.jit(fwd_bwd)
 
 
-def bench_jax(impl, arrays, reps):
+def pallas_config(shape, split_wy: bool):
+    """The op's launch choices at `shape` (B, T, H, D), with the forward WY split in two if asked;
+    None means the op's own defaults."""
+    if not split_wy:
+        return None
+    from pallas_kernels.delta_rule.common import KernelConfig
+    B, _, H, D = shape
+    return dataclasses.replace(KernelConfig.for_shape(D, D, B * H), split_wy=True)
+
+
+def bench_jax(impl, arrays, reps, config=None):
     q, k, v, beta, h0, do = arrays
-    fwd, fwd_bwd = jax_fns(impl)
+    fwd, fwd_bwd = jax_fns(impl, config)
     t_fwd = median_ms(lambda: fwd(q, k, v, beta, h0), reps=reps)
     t_bwd = median_ms(lambda: fwd_bwd(q, k, v, beta, h0, do), reps=reps)
     return t_fwd, t_bwd, np.asarray(fwd(q, k, v, beta, h0)[0].astype(jnp.float32))
@@ -112,6 +128,7 @@ def bench_fla(fla, np_inputs, reps, peak=False):
 SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
     "wy": ((0,), (1, 2, 4), (1, 2)),
     "wy_apply": ((0,), (1, 2, 4), (1, 2)),
+    "wy_inverse": ((0,), (1, 2, 4, 8), (1, 2)),
     "fwd": ((32, 64), (4, 8), (1, 2, 3)),
     "states": ((32, 64), (4, 8), (1, 2, 3)),
     "state_grads": ((32, 64), (4, 8), (1, 2, 3)),
@@ -125,7 +142,7 @@ def sweep(shape, reps, kernels):
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
     from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
     from pallas_kernels.delta_rule.common import Launch, Static
-    from pallas_kernels.delta_rule.wy import wy_apply, wy_prepare
+    from pallas_kernels.delta_rule.wy import wy_apply, wy_inverse, wy_prepare
 
     q, k, v, beta, h0, do = (jnp.asarray(x) for x in make_inputs(shape))
     q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
@@ -138,6 +155,7 @@ def sweep(shape, reps, kernels):
     cands = {
         "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L),
         "wy_apply": lambda L, bv: wy_apply(k, v, beta, tm, q, None, static=st, launch=L),
+        "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L),
         "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=bv, launch=L),
         "states": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=bv, launch=L),
         "state_grads": lambda L, bv: chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=bv,
@@ -161,14 +179,14 @@ def sweep(shape, reps, kernels):
     return rows
 
 
-def breakdown(shape, calls: int = 20, with_fla: bool = True) -> list:
+def breakdown(shape, calls: int = 20, with_fla: bool = True, split_wy: bool = False) -> list:
     """Device time of each kernel of the forward and backward passes alone at one shape, with the
-    launch choices the op uses (`KernelConfig.for_shape`), and of each of fla's kernels when
-    importable; prints and returns rows (impl, kernel, ms)."""
+    launch choices the op uses (`KernelConfig.for_shape`; the forward WY split in two if asked), and
+    of each of fla's kernels when importable; prints and returns rows (impl, kernel, ms)."""
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
     from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
     from pallas_kernels.delta_rule.common import KernelConfig, Static
-    from pallas_kernels.delta_rule.wy import wy_apply, wy_prepare
+    from pallas_kernels.delta_rule.wy import wy_apply, wy_inverse, wy_prepare
 
     B, T, H, D = shape
     np_in = make_inputs(shape)
@@ -181,8 +199,15 @@ def breakdown(shape, calls: int = 20, with_fla: bool = True) -> list:
     dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=cf.bwd_block_v,
                                    launch=cf.state_grads)
     _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=cf.dqkw_block_v, launch=cf.dqkw)
+    if split_wy:
+        wy_kernels = {
+            "fwd: wy_inverse (T, P)": lambda: wy_inverse(k, beta, None, q, static=st, launch=cf.wy_inverse),
+            "fwd: wy_apply (W, U)": lambda: wy_apply(k, v, beta, tm, None, None, static=st, launch=cf.wy_apply)}
+    else:
+        wy_kernels = {"fwd: wy_prepare (+T)": lambda: wy_prepare(k, v, beta, None, q, static=st, with_t=True,
+                                                                  launch=cf.wy)}
     ours = {
-        "fwd: wy_prepare (+T)": lambda: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=cf.wy),
+        **wy_kernels,
         "fwd: chunk_forward": lambda: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=cf.fwd_block_v,
                                                     launch=cf.fwd),
         "bwd: wy_apply": lambda: wy_apply(k, v, beta, tm, q, None, static=st, launch=cf.wy_apply),
@@ -291,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the raw results to this JSON file")
     ap.add_argument("--shapes", type=parse_shapes, help="comma-separated BxTxHxD shapes instead of the standard"
                     " four, e.g. 8x2048x16x128,2x8192x16x128")
+    ap.add_argument("--split-wy", action="store_true",
+                    help="time the forward WY in two kernels (wy_inverse, wy_apply) instead of the fused wy_prepare")
     ap.add_argument("--no-fla", action="store_true", help="leave fla out even when it is importable")
     ap.add_argument("--skip-table", action="store_true", help="only the sweep and the breakdown, no end-to-end table")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory comparison")
@@ -311,13 +338,15 @@ def main(argv=None):
     if args.sweep is not None:
         results["sweep"] = [row for shape in shapes for row in sweep(shape, args.reps, args.sweep or list(SWEEPS))]
     if args.breakdown:
-        results["breakdown"] = [row for shape in shapes for row in breakdown(shape, with_fla=fla is not None)]
+        results["breakdown"] = [row for shape in shapes
+                                for row in breakdown(shape, with_fla=fla is not None, split_wy=args.split_wy)]
     for shape in ([] if args.skip_table else shapes):
         np_in = make_inputs(shape)
         arrays = [jnp.asarray(x) for x in np_in]
         arrays = [x.astype(jnp.bfloat16) if i in (0, 1, 2, 5) else x for i, x in enumerate(arrays)]
         row = dict(shape=shape)
-        row["pallas_fwd"], row["pallas_fwdbwd"], o_pl = bench_jax("pallas", arrays, args.reps)
+        row["pallas_fwd"], row["pallas_fwdbwd"], o_pl = bench_jax("pallas", arrays, args.reps,
+                                                                  pallas_config(shape, args.split_wy))
         row["xla_fwd"], row["xla_fwdbwd"], o_x = bench_jax("chunked", arrays, args.reps)
         row["err_pallas_vs_xla"] = float(np.linalg.norm(o_pl - o_x) / np.linalg.norm(o_x))
         if fla is not None:

@@ -94,3 +94,29 @@ def test_inverse_unit_lower16_matches_numpy(case):
     ref = np.linalg.inv(np.eye(16) + a)
     # float32 rounding of a (|a| <= 2) through 15 substitution steps: a few ulps of max |T|.
     assert np.abs(t - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_split_wy_forward_matches_fused():
+    """`KernelConfig(split_wy=True)` (T and P in `wy_inverse`, W and U in `wy_apply`) computes what the
+    fused `wy_prepare` does: outputs, final state and gradients, with segments and qk_l2norm."""
+    import dataclasses
+
+    from pallas_kernels.delta_rule import chunk_delta_rule
+    from pallas_kernels.delta_rule.common import KernelConfig
+    from deltanet_jax.ops.segments import segment_index
+
+    B, T, H, K, V = 2, 100, 2, 16, 32
+    q, k, v, beta, s0 = make_inputs(5, B, T, H, K, V)
+    seg_index, valid = segment_index(_segments(B, T))
+    fused = KernelConfig.for_shape(K, V, B * H)
+    split = dataclasses.replace(fused, split_wy=True)
+
+    def loss(config, q, k, v, beta, s0):
+        o, s = chunk_delta_rule(q, k, v, beta, scale=K ** -0.5, initial_state=s0, seg_index=seg_index,
+                                valid=valid, qk_l2norm=True, interpret=True, config=config)
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(s ** 2), (o, s)
+
+    (_, out_a), g_a = jax.value_and_grad(lambda *a: loss(fused, *a), argnums=range(5), has_aux=True)(q, k, v, beta, s0)
+    (_, out_b), g_b = jax.value_and_grad(lambda *a: loss(split, *a), argnums=range(5), has_aux=True)(q, k, v, beta, s0)
+    for name, a, b in zip(["o", "state"] + "dq dk dv dbeta dh0".split(), (*out_a, *g_a), (*out_b, *g_b)):
+        assert rel_err(b, a) < 1e-6, name

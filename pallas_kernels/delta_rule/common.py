@@ -145,6 +145,8 @@ class KernelConfig:
     dqkw_block_v: int = 64
     wy_bwd: Launch = Launch(8, 1)
     wy_bwd_block_v: int = 64
+    split_wy: bool = False          # forward WY in two kernels: `wy_inverse` (T, P), `wy_apply` (W, U)
+    wy_inverse: Launch = Launch(4, 1)
 
     @classmethod
     def for_shape(cls, k_dim: int, v_dim: int, batch_heads: int) -> "KernelConfig":

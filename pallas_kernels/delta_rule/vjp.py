@@ -1,8 +1,8 @@
 """`chunk_delta_rule`: the Pallas chunked delta rule with a custom VJP.
 
-Forward: `wy_prepare` (T = (I + A)^{-1}, W, U and P = scale tril(Q K^T) per chunk, parallel) then
-`chunk_forward` (the state scan). Saved for the backward pass: the inputs and T (`[B, T, H, 64]` in
-the inputs' dtype: O(T * C) per head).
+Forward: `wy_prepare` (T = (I + A)^{-1}, W, U and P = scale tril(Q K^T) per chunk, parallel; or the
+same split into `wy_inverse` and `wy_apply`) then `chunk_forward` (the state scan). Saved for the
+backward pass: the inputs and T (`[B, T, H, 64]` in the inputs' dtype: O(T * C) per head).
 The backward pass recomputes W, U and P from T (`wy_apply`), the state entering each chunk and V'
 (`chunk_forward(states=True)`), runs the reverse state scan (`chunk_state_grads`) and finishes with
 per-chunk gradients (`chunk_dqkw`, `wy_backward`). The chunk states of the recompute live only
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
 from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
 from pallas_kernels.delta_rule.common import CHUNK, KernelConfig, Static
-from pallas_kernels.delta_rule.wy import wy_apply, wy_prepare
+from pallas_kernels.delta_rule.wy import wy_apply, wy_inverse, wy_prepare
 
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
@@ -30,13 +30,25 @@ def _delta_rule(q, k, v, beta, h0, idx, static: Static, config: KernelConfig):
     return _forward(q, k, v, beta, h0, idx, static, config)
 
 
-def _forward(q, k, v, beta, h0, idx, static, config):
+def _wy(q, k, v, beta, idx, static, config, with_t: bool):
+    """W, U, T (or None) and P of every chunk, in one kernel or two (`config.split_wy`)."""
+    if config.split_wy:
+        tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse)
+        w, u = wy_apply(k, v, beta, tmat, None, idx, static=static, launch=config.wy_apply)
+        return w, u, tmat, p
+    if with_t:
+        return wy_prepare(k, v, beta, idx, q, static=static, with_t=True, launch=config.wy)
     w, u, p = wy_prepare(k, v, beta, idx, q, static=static, launch=config.wy)
+    return w, u, None, p
+
+
+def _forward(q, k, v, beta, h0, idx, static, config):
+    w, u, _, p = _wy(q, k, v, beta, idx, static, config, with_t=False)
     return chunk_forward(q, k, w, u, idx, h0, p, static=static, block_v=config.fwd_block_v, launch=config.fwd)
 
 
 def _delta_rule_fwd(q, k, v, beta, h0, idx, static, config):
-    w, u, tmat, p = wy_prepare(k, v, beta, idx, q, static=static, with_t=True, launch=config.wy)
+    w, u, tmat, p = _wy(q, k, v, beta, idx, static, config, with_t=True)
     out = chunk_forward(q, k, w, u, idx, h0, p, static=static, block_v=config.fwd_block_v, launch=config.fwd)
     return out, (q, k, v, beta, h0, idx, tmat)
 
