@@ -59,14 +59,42 @@ def jax_fns(impl, config=None):
     return jax.jit(op), jax.jit(fwd_bwd)
 
 
-def pallas_config(shape, split_wy: bool):
-    """The op's launch choices at `shape` (B, T, H, D), with the forward WY split in two if asked;
-    None means the op's own defaults."""
-    if not split_wy:
+def parse_config(items: list) -> dict:
+    """`FIELD=VALUE` overrides of `KernelConfig` (booleans, integers, or warps,stages for launches)."""
+    from pallas_kernels.delta_rule.common import KernelConfig, Launch
+
+    fields = {f.name: f for f in dataclasses.fields(KernelConfig)}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise argparse.ArgumentTypeError(f"--config takes FIELD=VALUE with FIELD one of {', '.join(fields)};"
+                                             f" got {item!r}")
+        default = getattr(KernelConfig(), name)
+        try:
+            if isinstance(default, bool):
+                if text not in ("true", "false", "True", "False", "1", "0"):
+                    raise ValueError(text)
+                out[name] = text in ("true", "True", "1")
+            elif isinstance(default, Launch):
+                warps, stages = (int(x) for x in text.split(","))
+                out[name] = Launch(warps, stages)
+            else:
+                out[name] = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--config {name}: cannot read {text!r} (like {default!r};"
+                                             " launches as WARPS,STAGES)")
+    return out
+
+
+def pallas_config(shape, overrides: dict):
+    """The op's launch choices at `shape` (B, T, H, D) with `overrides` applied; None (the op's own
+    defaults) when there are none."""
+    if not overrides:
         return None
     from pallas_kernels.delta_rule.common import KernelConfig
     B, _, H, D = shape
-    return dataclasses.replace(KernelConfig.for_shape(D, D, B * H), split_wy=True)
+    return dataclasses.replace(KernelConfig.for_shape(D, D, B * H), **overrides)
 
 
 def bench_jax(impl, arrays, reps, config=None):
@@ -137,8 +165,9 @@ SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
 }
 
 
-def sweep(shape, reps, kernels):
-    """Time launch choices of each named Pallas kernel alone at one shape; prints and returns rows."""
+def sweep(shape, reps, kernels, overrides: dict | None = None):
+    """Time launch choices of each named Pallas kernel alone at one shape (`transposed_inverse` taken
+    from `overrides`); prints and returns rows."""
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
     from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
     from pallas_kernels.delta_rule.common import Launch, Static
@@ -148,14 +177,15 @@ def sweep(shape, reps, kernels):
     q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
     st = Static(scale=shape[-1] ** -0.5, qk_l2norm=False, has_segments=False,
                 interpret=jax.default_backend() != "gpu")
+    tr = bool((overrides or {}).get("transposed_inverse", False))
     w, u, tm, p = wy_prepare(k, v, beta, None, q, static=st, with_t=True)
     vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True)
     dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st)
     _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st)
     cands = {
-        "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L),
+        "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L, transposed_inverse=tr),
         "wy_apply": lambda L, bv: wy_apply(k, v, beta, tm, q, None, static=st, launch=L),
-        "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L),
+        "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L, transposed_inverse=tr),
         "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=bv, launch=L),
         "states": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=bv, launch=L),
         "state_grads": lambda L, bv: chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=bv,
@@ -179,10 +209,10 @@ def sweep(shape, reps, kernels):
     return rows
 
 
-def breakdown(shape, calls: int = 20, with_fla: bool = True, split_wy: bool = False) -> list:
+def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | None = None) -> list:
     """Device time of each kernel of the forward and backward passes alone at one shape, with the
-    launch choices the op uses (`KernelConfig.for_shape`; the forward WY split in two if asked), and
-    of each of fla's kernels when importable; prints and returns rows (impl, kernel, ms)."""
+    launch choices the op uses (`KernelConfig.for_shape` with `overrides`), and of each of fla's
+    kernels when importable; prints and returns rows (impl, kernel, ms)."""
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
     from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
     from pallas_kernels.delta_rule.common import KernelConfig, Static
@@ -193,19 +223,21 @@ def breakdown(shape, calls: int = 20, with_fla: bool = True, split_wy: bool = Fa
     q, k, v, beta, h0, do = (jnp.asarray(x) for x in np_in)
     q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
     st = Static(scale=D ** -0.5, qk_l2norm=False, has_segments=False, interpret=jax.default_backend() != "gpu")
-    cf = KernelConfig.for_shape(D, D, B * H)
+    cf = dataclasses.replace(KernelConfig.for_shape(D, D, B * H), **(overrides or {}))
+    tr = cf.transposed_inverse
     w, u, tm, p = wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=cf.wy)
     vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=cf.fwd_block_v, launch=cf.states)
     dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=cf.bwd_block_v,
                                    launch=cf.state_grads)
     _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=cf.dqkw_block_v, launch=cf.dqkw)
-    if split_wy:
+    if cf.split_wy:
         wy_kernels = {
-            "fwd: wy_inverse (T, P)": lambda: wy_inverse(k, beta, None, q, static=st, launch=cf.wy_inverse),
+            "fwd: wy_inverse (T, P)": lambda: wy_inverse(k, beta, None, q, static=st, launch=cf.wy_inverse,
+                                                         transposed_inverse=tr),
             "fwd: wy_apply (W, U)": lambda: wy_apply(k, v, beta, tm, None, None, static=st, launch=cf.wy_apply)}
     else:
         wy_kernels = {"fwd: wy_prepare (+T)": lambda: wy_prepare(k, v, beta, None, q, static=st, with_t=True,
-                                                                  launch=cf.wy)}
+                                                                  launch=cf.wy, transposed_inverse=tr)}
     ours = {
         **wy_kernels,
         "fwd: chunk_forward": lambda: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=cf.fwd_block_v,
@@ -316,8 +348,9 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the raw results to this JSON file")
     ap.add_argument("--shapes", type=parse_shapes, help="comma-separated BxTxHxD shapes instead of the standard"
                     " four, e.g. 8x2048x16x128,2x8192x16x128")
-    ap.add_argument("--split-wy", action="store_true",
-                    help="time the forward WY in two kernels (wy_inverse, wy_apply) instead of the fused wy_prepare")
+    ap.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="KernelConfig overrides for the Pallas timings, e.g. split_wy=true transposed_inverse=true"
+                         " wy=8,1 (launches as WARPS,STAGES)")
     ap.add_argument("--no-fla", action="store_true", help="leave fla out even when it is importable")
     ap.add_argument("--skip-table", action="store_true", help="only the sweep and the breakdown, no end-to-end table")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory comparison")
@@ -325,6 +358,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.reps < 1:
         ap.error("--reps must be >= 1")
+    try:
+        overrides = parse_config(args.config)
+    except argparse.ArgumentTypeError as err:
+        ap.error(str(err))
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not args.quick:
         ap.error("the op benchmark needs a GPU (use --quick for a smoke test on this backend)")
@@ -336,17 +373,17 @@ def main(argv=None):
                    command="python -m experiments.bench_ops" + "".join(" " + a for a in (argv or sys.argv[1:])),
                    fla=None if fla is None else fla[2])
     if args.sweep is not None:
-        results["sweep"] = [row for shape in shapes for row in sweep(shape, args.reps, args.sweep or list(SWEEPS))]
+        results["sweep"] = [row for shape in shapes for row in sweep(shape, args.reps, args.sweep or list(SWEEPS), overrides)]
     if args.breakdown:
         results["breakdown"] = [row for shape in shapes
-                                for row in breakdown(shape, with_fla=fla is not None, split_wy=args.split_wy)]
+                                for row in breakdown(shape, with_fla=fla is not None, overrides=overrides)]
     for shape in ([] if args.skip_table else shapes):
         np_in = make_inputs(shape)
         arrays = [jnp.asarray(x) for x in np_in]
         arrays = [x.astype(jnp.bfloat16) if i in (0, 1, 2, 5) else x for i, x in enumerate(arrays)]
         row = dict(shape=shape)
         row["pallas_fwd"], row["pallas_fwdbwd"], o_pl = bench_jax("pallas", arrays, args.reps,
-                                                                  pallas_config(shape, args.split_wy))
+                                                                  pallas_config(shape, overrides))
         row["xla_fwd"], row["xla_fwdbwd"], o_x = bench_jax("chunked", arrays, args.reps)
         row["err_pallas_vs_xla"] = float(np.linalg.norm(o_pl - o_x) / np.linalg.norm(o_x))
         if fla is not None:

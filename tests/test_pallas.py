@@ -73,8 +73,9 @@ def test_pallas_decode_step_matches_xla_step(K, V, l2):
         delta_rule_step(q, k, v, beta, state, implementation="cuda")
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
 @pytest.mark.parametrize("case", ["random", "identical-keys-beta1", "identical-keys-beta2", "segments"])
-def test_inverse_unit_lower16_matches_numpy(case):
+def test_inverse_unit_lower16_matches_numpy(case, transposed):
     """The 16x16 diagonal-block inverse, float32 against float64, including repeated keys with beta 1
     and 2 (a reflection), where a Neumann-product inverse would lose digits."""
     from pallas_kernels.delta_rule.common import inverse_unit_lower16
@@ -90,15 +91,20 @@ def test_inverse_unit_lower16_matches_numpy(case):
     if case == "segments":
         seg = np.repeat([0, 1, 2], [5, 6, 5])
         a = np.where(seg[:, None] == seg[None, :], a, 0.0)
-    t = np.asarray(inverse_unit_lower16([jnp.asarray(a, jnp.float32)])[0], np.float64)
+    given = jnp.asarray(a.T if transposed else a, jnp.float32)
+    t = np.asarray(inverse_unit_lower16([given], transposed=transposed)[0], np.float64)
     ref = np.linalg.inv(np.eye(16) + a)
     # float32 rounding of a (|a| <= 2) through 15 substitution steps: a few ulps of max |T|.
     assert np.abs(t - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
 
 
-def test_split_wy_forward_matches_fused():
-    """`KernelConfig(split_wy=True)` (T and P in `wy_inverse`, W and U in `wy_apply`) computes what the
-    fused `wy_prepare` does: outputs, final state and gradients, with segments and qk_l2norm."""
+@pytest.mark.parametrize("variant", [dict(split_wy=True), dict(transposed_inverse=True),
+                                     dict(split_wy=True, transposed_inverse=True)],
+                         ids=["split", "transposed", "split-transposed"])
+def test_forward_wy_variants_match_default(variant):
+    """The forward WY variants of `KernelConfig` (split: T and P in `wy_inverse`, W and U in
+    `wy_apply`; transposed: the 16x16 substitution from A^T) compute what the default does: outputs,
+    final state and gradients, with segments and qk_l2norm."""
     import dataclasses
 
     from pallas_kernels.delta_rule import chunk_delta_rule
@@ -109,7 +115,7 @@ def test_split_wy_forward_matches_fused():
     q, k, v, beta, s0 = make_inputs(5, B, T, H, K, V)
     seg_index, valid = segment_index(_segments(B, T))
     fused = KernelConfig.for_shape(K, V, B * H)
-    split = dataclasses.replace(fused, split_wy=True)
+    split = dataclasses.replace(fused, **variant)
 
     def loss(config, q, k, v, beta, s0):
         o, s = chunk_delta_rule(q, k, v, beta, scale=K ** -0.5, initial_state=s0, seg_index=seg_index,

@@ -93,35 +93,42 @@ def load_rows(ref, start: int, rows: int, normalize: bool = False) -> jax.Array:
     return l2normalize(x)[0] if normalize else x
 
 
-def inverse_unit_lower16(blocks: list) -> list:
-    """`(I + a)^{-1}` for each strictly lower-triangular `a [16, 16]` (float32) of `blocks`, by
-    forward substitution; the blocks advance together so their independent steps overlap.
+def inverse_unit_lower16(blocks: list, transposed: bool = False) -> list:
+    """`(I + a)^{-1}` for each strictly lower-triangular `a [16, 16]` (float32) of `blocks` (given as
+    `a^T` if `transposed`), by forward substitution; the blocks advance together so their
+    independent steps overlap.
 
-    Row i of L = T - I solves L_i = -a_i - a_i L (rows of L below i are still zero).
+    Row i of L = T - I solves L_i = -a_i - a_i L (rows of L below i are still zero). From `a^T`, row
+    i of `a` comes out of a reduction over columns already laid out along L's rows, which spares
+    the kernel a layout conversion per step.
     """
-    rows = iota2(BLOCK, BLOCK, 0)
+    rows, cols = iota2(BLOCK, BLOCK, 0), iota2(BLOCK, BLOCK, 1)
 
     def body(i, lows):
         out = []
         for a, low in zip(blocks, lows):
-            a_i = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)
+            if transposed:
+                a_i = jnp.sum(jnp.where(cols == i, a, 0.0), axis=1)
+            else:
+                a_i = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)
             l_i = -a_i - jnp.sum(a_i[:, None] * low, axis=0)
             out.append(jnp.where(rows == i, l_i[None, :], low))
         return tuple(out)
 
     zero = jnp.zeros((BLOCK, BLOCK), jnp.float32)
     lows = jax.lax.fori_loop(1, BLOCK, body, tuple(zero for _ in blocks))
-    eye = (rows == iota2(BLOCK, BLOCK, 1)).astype(jnp.float32)
+    eye = (rows == cols).astype(jnp.float32)
     return [low + eye for low in lows]
 
 
-def inverse_unit_lower_blocks(a: dict) -> dict:
+def inverse_unit_lower_blocks(a: dict, transposed_diag: bool = False) -> dict:
     """Blocks of `T = (I + A)^{-1}` from the 16x16 blocks `a[i, j]` (i >= j, float32) of a strictly
-    lower-triangular 64x64 `A`: diagonal blocks by forward substitution, the rest by block forward
-    substitution `T_ij = -T_ii sum_{l=j}^{i-1} A_il T_lj` in exact float32 dots."""
+    lower-triangular 64x64 `A` (the diagonal ones given transposed if `transposed_diag`): diagonal
+    blocks by forward substitution, the rest by block forward substitution
+    `T_ij = -T_ii sum_{l=j}^{i-1} A_il T_lj` in exact float32 dots."""
     n = CHUNK // BLOCK
     exact = jax.lax.Precision.HIGHEST
-    diag = inverse_unit_lower16([a[i, i] for i in range(n)])
+    diag = inverse_unit_lower16([a[i, i] for i in range(n)], transposed=transposed_diag)
     t = {}
     for i in range(n):
         t[i, i] = diag[i]
@@ -146,6 +153,7 @@ class KernelConfig:
     wy_bwd: Launch = Launch(8, 1)
     wy_bwd_block_v: int = 64
     split_wy: bool = False          # forward WY in two kernels: `wy_inverse` (T, P), `wy_apply` (W, U)
+    transposed_inverse: bool = False  # 16x16 substitution from A^T blocks (no layout conversion per step)
     wy_inverse: Launch = Launch(4, 1)
 
     @classmethod

@@ -33,12 +33,15 @@ def _delta_rule(q, k, v, beta, h0, idx, static: Static, config: KernelConfig):
 def _wy(q, k, v, beta, idx, static, config, with_t: bool):
     """W, U, T (or None) and P of every chunk, in one kernel or two (`config.split_wy`)."""
     if config.split_wy:
-        tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse)
+        tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse,
+                             transposed_inverse=config.transposed_inverse)
         w, u = wy_apply(k, v, beta, tmat, None, idx, static=static, launch=config.wy_apply)
         return w, u, tmat, p
     if with_t:
-        return wy_prepare(k, v, beta, idx, q, static=static, with_t=True, launch=config.wy)
-    w, u, p = wy_prepare(k, v, beta, idx, q, static=static, launch=config.wy)
+        return wy_prepare(k, v, beta, idx, q, static=static, with_t=True, launch=config.wy,
+                          transposed_inverse=config.transposed_inverse)
+    w, u, p = wy_prepare(k, v, beta, idx, q, static=static, launch=config.wy,
+                         transposed_inverse=config.transposed_inverse)
     return w, u, None, p
 
 

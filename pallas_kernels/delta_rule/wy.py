@@ -35,9 +35,10 @@ def intra_chunk_scores(q_ref, k_ref, idx, static: Static) -> jax.Array:
     return jnp.where(keep, mm(q, k, k_ref.dtype, static, "nt"), 0.0)
 
 
-def _a_blocks(k_ref, beta_ref, idx_ref, static: Static, v_ref=None):
+def _a_blocks(k_ref, beta_ref, idx_ref, static: Static, v_ref=None, transposed_diag: bool = False):
     """The 16x16 blocks a[i, j] (i >= j, float32) of A = tril(diag(beta) K K^T, -1), masked to
-    same-segment pairs, with the row blocks of beta K (and beta V if `v_ref`) in k's dtype."""
+    same-segment pairs (the diagonal ones as their transposes if `transposed_diag`), with the row
+    blocks of beta K (and beta V if `v_ref`) in k's dtype."""
     dtype = k_ref.dtype
     n = CHUNK // BLOCK
     ks, kb, vb, idx = [], [], [], []
@@ -55,8 +56,12 @@ def _a_blocks(k_ref, beta_ref, idx_ref, static: Static, v_ref=None):
     a = {}
     for i in range(n):
         for j in range(i + 1):
-            a_ij = mm(kb[i], ks[j], dtype, static, "nt")
-            keep = strict if i == j else None
+            if i == j and transposed_diag:  # (K_i (beta K_i)^T) = A_ii^T: strictly upper
+                a_ij = mm(ks[i], kb[i], dtype, static, "nt")
+                keep = iota2(BLOCK, BLOCK, 0) < iota2(BLOCK, BLOCK, 1)
+            else:
+                a_ij = mm(kb[i], ks[j], dtype, static, "nt")
+                keep = strict if i == j else None
             if static.has_segments:
                 same = idx[i][:, None] == idx[j][None, :]
                 keep = same if keep is None else keep & same
@@ -72,7 +77,7 @@ def _store_t(t_ref, t: dict) -> None:
             t_ref[pl.ds(i * BLOCK, BLOCK), pl.ds(j * BLOCK, BLOCK)] = block.astype(t_ref.dtype)
 
 
-def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool):
+def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool, transposed: bool):
     k_ref, v_ref, beta_ref = refs[:3]
     pos = 3
     q_ref = refs[pos] if with_p else None
@@ -84,8 +89,8 @@ def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool):
     p_ref = outs[-1] if with_p else None
     dtype = k_ref.dtype
     n = CHUNK // BLOCK
-    a, kb, vb = _a_blocks(k_ref, beta_ref, idx_ref, static, v_ref)
-    t = inverse_unit_lower_blocks(a)
+    a, kb, vb = _a_blocks(k_ref, beta_ref, idx_ref, static, v_ref, transposed)
+    t = inverse_unit_lower_blocks(a, transposed)
     for i in range(n):
         rows = pl.ds(i * BLOCK, BLOCK)
         w_i = sum(mm(t[i, j], kb[j], dtype, static) for j in range(i + 1))
@@ -99,9 +104,9 @@ def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool):
                                         static).astype(p_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "with_t", "launch"))
+@functools.partial(jax.jit, static_argnames=("static", "with_t", "launch", "transposed_inverse"))
 def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, q=None, *, static: Static,
-               with_t: bool = False, launch: Launch = Launch(4, 2)):
+               with_t: bool = False, launch: Launch = Launch(4, 2), transposed_inverse: bool = False):
     """k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, idx `[B, T]` int32 or None, T % 64 == 0,
     q `[B, T, H, K]` or None.
 
@@ -130,13 +135,14 @@ def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, q=None, *, stat
         out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), q.dtype))
         out_specs.append(pl.BlockSpec((None, CHUNK, None, CHUNK), lambda c, b, h: (b, c, h, 0)))
     return pl.pallas_call(
-        functools.partial(_wy_kernel, static=static, with_t=with_t, with_p=q is not None),
+        functools.partial(_wy_kernel, static=static, with_t=with_t, with_p=q is not None,
+                          transposed=transposed_inverse),
         out_shape=tuple(out_shape), grid=grid, in_specs=in_specs, out_specs=tuple(out_specs),
         interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_prepare",
     )(*args)
 
 
-def _wy_inverse_kernel(*refs, static: Static, with_p: bool):
+def _wy_inverse_kernel(*refs, static: Static, with_p: bool, transposed: bool):
     k_ref, beta_ref = refs[:2]
     q_ref = refs[2] if with_p else None
     idx_ref = refs[2 + with_p] if static.has_segments else None
@@ -144,12 +150,13 @@ def _wy_inverse_kernel(*refs, static: Static, with_p: bool):
     if with_p:
         refs[-1][...] = intra_chunk_scores(q_ref, k_ref, idx_ref[...] if static.has_segments else None,
                                            static).astype(refs[-1].dtype)
-    a, _, _ = _a_blocks(k_ref, beta_ref, idx_ref, static)
-    _store_t(t_ref, inverse_unit_lower_blocks(a))
+    a, _, _ = _a_blocks(k_ref, beta_ref, idx_ref, static, transposed_diag=transposed)
+    _store_t(t_ref, inverse_unit_lower_blocks(a, transposed))
 
 
-@functools.partial(jax.jit, static_argnames=("static", "launch"))
-def wy_inverse(k: jax.Array, beta: jax.Array, idx, q=None, *, static: Static, launch: Launch = Launch(4, 1)):
+@functools.partial(jax.jit, static_argnames=("static", "launch", "transposed_inverse"))
+def wy_inverse(k: jax.Array, beta: jax.Array, idx, q=None, *, static: Static, launch: Launch = Launch(4, 1),
+               transposed_inverse: bool = False):
     """T = (I + A)^{-1} per chunk alone (with P = scale tril(Q K^T) if q is given): the first half of
     `wy_prepare` split in two, with `wy_apply` making W and U. The inverse is latency-bound; without
     the `[64, K]` and `[64, V]` operands of W and U live across it, more programs fit on an SM.
@@ -170,7 +177,8 @@ def wy_inverse(k: jax.Array, beta: jax.Array, idx, q=None, *, static: Static, la
     if q is not None:
         out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), q.dtype))
     out = pl.pallas_call(
-        functools.partial(_wy_inverse_kernel, static=static, with_p=q is not None),
+        functools.partial(_wy_inverse_kernel, static=static, with_p=q is not None,
+                          transposed=transposed_inverse),
         out_shape=tuple(out_shape), grid=(T // CHUNK, B, H), in_specs=in_specs,
         out_specs=tuple(rows(CHUNK) for _ in out_shape),
         interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_inverse",
