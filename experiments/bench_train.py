@@ -4,6 +4,9 @@ the training section of BENCHMARKS.md (and, with --scaling, the multi-GPU sectio
 
     python -m experiments.bench_train                        # 340M and 1.3B, batch 8 x 2048, writes BENCHMARKS.md
     python -m experiments.bench_train --scaling 1,2          # also ours data-parallel on 1 and 2 GPUs (340M)
+    python -m experiments.bench_train --sizes 1.3b --scaling 1,2,4,8 --layout fsdp --global-batch 256 --skip-compare
+                                    # 1.3B with FSDP at 256 x 2048 tokens per step (gradient accumulation
+                                    # where fewer devices hold fewer rows): tokens/s per device, efficiency
     python -m experiments.bench_train --quick --no-write     # tiny model on any backend, no fla (a smoke test)
 
 Each measurement runs in its own process, so peak memory is that model's alone. Protocol
@@ -41,9 +44,28 @@ def _median_s(step, reps: int, warmup: int) -> float:
     return median_ms(step, sync=lambda _: None, reps=reps, warmup=warmup) / 1e3
 
 
-def worker_ours(preset: str, batch: int, seq: int, reps: int, warmup: int, param_dtype: str, devices: int,
-                implementation: str | None, remat: bool) -> dict[str, Any]:
-    """Our train step on the first `devices` devices (data parallel, `batch` rows per device)."""
+LAYOUTS = ("data", "fsdp", "fsdp-tp")
+
+
+def scaling_mesh(layout: str, devices: int, tensor: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes of a scaling run: all devices on one axis, or FSDP x `tensor`-way
+    tensor parallelism (one device: no split)."""
+    if layout == "data":
+        return devices, 1, 1
+    if layout == "fsdp":
+        return 1, devices, 1
+    if devices == 1:
+        return 1, 1, 1
+    if devices % tensor:
+        raise ValueError(f"--layout fsdp-tp: {devices} devices do not split into tensor groups of {tensor}")
+    return 1, devices // tensor, tensor
+
+
+def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_dtype: str,
+                mesh_shape: tuple[int, int, int], grad_accum: int, implementation: str | None,
+                remat: bool) -> dict[str, Any]:
+    """Our train step over a (data, fsdp, tensor) mesh of the first devices: `rows` sequences per
+    optimizer step, in `grad_accum` micro-batches."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -56,20 +78,20 @@ def worker_ours(preset: str, batch: int, seq: int, reps: int, warmup: int, param
     from deltanet_jax.train.step import make_train_step
     from deltanet_jax.train.trainer import ShardedSetup
 
-    rows = batch * devices
+    devices = mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
     dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     config = RunConfig.from_dict({
         "model": _model_section(preset),
         "train": {"batch_size": rows, "seq_len": seq, "steps": 1000, "warmup_steps": 10, "lr": 3e-4, "min_lr": 3e-5,
-                  "dtype": dtype, "implementation": implementation, "remat": remat},
+                  "dtype": dtype, "implementation": implementation, "remat": remat, "grad_accum": grad_accum},
     })
-    mesh = build_mesh({"data": devices, "fsdp": 1, "tensor": 1}, jax.devices()[:devices])
+    mesh = build_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)), jax.devices()[:devices])
     setup = ShardedSetup(config, mesh)
     state = setup.init()
     if param_dtype != "float32":  # cast parameters and Adam moments, as fla's .to(bfloat16) does
         cast = lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
         state = jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=setup.shardings, donate_argnums=0)(state)
-    step_fn = make_train_step(setup.graphdef, setup.tx, state_sharding=setup.shardings,
+    step_fn = make_train_step(setup.graphdef, setup.tx, grad_accum=grad_accum, state_sharding=setup.shardings,
                               batch_sharding=setup.batch_sharding, compute_sharding=gathered(setup.shardings.params))
     rng = np.random.default_rng(0)
     vocab = config.model.vocab_size
@@ -91,7 +113,8 @@ def worker_ours(preset: str, batch: int, seq: int, reps: int, warmup: int, param
     tokens_per_s = rows * seq / seconds
     peak = peak_flops(jax.devices()[0], jnp.dtype(dtype))
     mfu = train_flops_per_token(config.model, seq) * tokens_per_s / (peak * devices) if peak else None
-    return {"impl": "ours", "devices": devices, "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
+    return {"impl": "ours", "devices": devices, "mesh": list(mesh_shape), "rows": rows, "grad_accum": grad_accum,
+            "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
             "peak_gib": peak_bytes / 2**30 if peak_bytes else None, "mfu": mfu, "loss": loss,
             "params": setup.num_params, "param_dtype": param_dtype, "device": jax.devices()[0].device_kind}
 
@@ -144,7 +167,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def render(rows: list[dict[str, Any]], *, batch: int, seq: int, command: str) -> str:
-    """Markdown table of the results (ratios against fla of the same size)."""
+    """Markdown table of the single-device results (ratios against fla of the same size)."""
     device = next((r["device"] for r in rows if "device" in r), "unknown device")
     lines = [
         "## Training step", "",
@@ -165,20 +188,57 @@ def render(rows: list[dict[str, Any]], *, batch: int, seq: int, command: str) ->
             f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | {_fmt(r['peak_gib'], '.1f')} | "
             f"{_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}{'' if r['mfu'] is None else '%'} |"
         )
-    scaling = [r for r in rows if r.get("impl") == "ours" and r.get("scaling") and "error" not in r]
-    base = next((r for r in scaling if r["devices"] == 1), None)
-    for r in scaling:
-        if base is not None and r["devices"] > 1:
-            lines.append("")
-            lines.append(f"Data parallel on {r['devices']} devices: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
-                         f"the tokens/s of 1 device ({r['size']}, {batch} x {seq} tokens per device).")
     return "\n".join(lines)
+
+
+def render_scaling(rows: list[dict[str, Any]], *, size: str, layout: str, seq: int, command: str) -> str:
+    """Markdown table of a scaling run: tokens/s per device and its ratio to the 1-device figure."""
+    device = next((r["device"] for r in rows if "device" in r), "unknown device")
+    lines = [
+        f"## Scaling: {size}, {layout}", "",
+        f"`{command}` on {device}, {datetime.date.today().isoformat()}; {seq}-token sequences, median of the "
+        "timed optimizer steps (gradient accumulation inside the step where the mesh holds fewer rows than"
+        " the global batch); efficiency = tokens/s per device against 1 device.", "",
+        "| devices | mesh (data, fsdp, tensor) | sequences / step | micro-batches | step ms | tokens/s |"
+        " tokens/s per device | efficiency | peak GiB per device | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = next((r for r in rows if r.get("devices") == 1 and "error" not in r), None)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['devices_asked']} | | | | failed: {r['error'].splitlines()[-1][:120]} | | | | | |")
+            continue
+        per_device = r["tokens_per_s"] / r["devices"]
+        eff = "" if base is None else f"{100 * per_device / base['tokens_per_s']:.0f}%"
+        lines.append(
+            f"| {r['devices']} | {', '.join(map(str, r['mesh']))} | {r['rows']} | {r['grad_accum']} | "
+            f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {per_device:,.0f} | {eff} | "
+            f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}"
+            f"{'' if r['mfu'] is None else '%'} |")
+    return "\n".join(lines)
+
+
+def plan_scaling(counts: list[int], layout: str, tensor: int, batch: int, global_batch: int | None):
+    """[(devices, mesh, rows, grad_accum)] of a scaling run, or ValueError naming what does not divide.
+    `batch` sequences per batch-sharded device per micro-batch; `global_batch` sequences per step
+    (default: batch x batch-sharded devices, no accumulation)."""
+    plan = []
+    for n in counts:
+        mesh = scaling_mesh(layout, n, tensor)
+        per_micro = batch * mesh[0] * mesh[1]          # tensor-parallel devices share their rows
+        rows = per_micro if global_batch is None else global_batch
+        if rows % per_micro:
+            raise ValueError(f"--global-batch {rows} is not a multiple of {per_micro} (--batch {batch} x "
+                             f"{mesh[0] * mesh[1]} batch-sharded devices on {n} devices)")
+        plan.append((n, mesh, rows, rows // per_micro))
+    return plan
 
 
 def main(argv=None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="340m,1.3b", help="comma list of 340m, 1.3b (default: %(default)s)")
-    ap.add_argument("--batch", type=int, default=8, help="sequences per device (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per device (per batch-sharded device and"
+                    " micro-batch in scaling runs; default: %(default)s)")
     ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default: %(default)s)")
     ap.add_argument("--reps", type=int, default=20, help="timed steps (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: %(default)s)")
@@ -187,20 +247,34 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--implementation", default=None, help="our delta-rule kernel (default: pallas on GPU)")
     ap.add_argument("--remat", action="store_true", help="our model with per-block rematerialisation")
     ap.add_argument("--no-fla", action="store_true", help="skip fla")
-    ap.add_argument("--scaling", default="", help="also ours data-parallel on these device counts, e.g. 1,2 "
-                    "(first size only)")
+    ap.add_argument("--skip-compare", action="store_true", help="only the scaling runs, not ours against fla")
+    ap.add_argument("--scaling", default="", help="also ours on these device counts, e.g. 1,2,4,8, laid out by"
+                    " --layout, for the first of --sizes (a table of tokens/s per device)")
+    ap.add_argument("--layout", choices=LAYOUTS, default="data",
+                    help="scaling mesh: data parallel, FSDP, or FSDP x --tensor-way tensor parallel (default: %(default)s)")
+    ap.add_argument("--tensor", type=int, default=2, help="tensor-parallel group size of --layout fsdp-tp"
+                    " (default: %(default)s)")
+    ap.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step in scaling runs,"
+                    " the same on every device count (gradient accumulation makes up the rows; default: --batch"
+                    " per batch-sharded device)")
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 x 64 tokens, 3 steps, no fla")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per measurement (default: %(default)s)")
     ap.add_argument("--worker", choices=("ours", "fla"), help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
-    ap.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--mesh", default="1,1,1", help=argparse.SUPPRESS)
+    ap.add_argument("--rows", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if min(args.batch, args.seq, args.reps, args.tensor) < 1 or args.warmup < 0 or (args.global_batch or 1) < 1:
+        ap.error("--batch, --seq, --reps, --tensor and --global-batch must be positive, --warmup >= 0")
 
     if args.worker:
         if args.worker == "ours":
-            result = worker_ours(args.preset, args.batch, args.seq, args.reps, args.warmup, args.param_dtype,
-                                 args.devices, args.implementation, args.remat)
+            mesh = tuple(int(x) for x in args.mesh.split(","))
+            rows = args.rows or args.batch
+            result = worker_ours(args.preset, rows, args.seq, args.reps, args.warmup, args.param_dtype, mesh,
+                                 args.grad_accum, args.implementation, args.remat)
         else:
             result = worker_fla(args.preset, args.batch, args.seq, args.reps, args.warmup)
         print("RESULT " + json.dumps(result))
@@ -215,32 +289,54 @@ def main(argv=None) -> list[dict[str, Any]]:
             if name not in SIZES:
                 ap.error(f"--sizes: unknown size {name!r} (choose from {', '.join(SIZES)})")
             sizes[name] = SIZES[name]
-    common = ["--batch", str(args.batch), "--seq", str(args.seq), "--reps", str(args.reps),
-              "--warmup", str(args.warmup), "--param-dtype", args.param_dtype]
+    try:
+        scaling = [int(n) for n in args.scaling.split(",") if n]
+    except ValueError:
+        ap.error(f"--scaling takes device counts like 1,2,4,8; got {args.scaling!r}")
+    if any(n < 1 for n in scaling):
+        ap.error("--scaling: device counts must be >= 1")
+    if args.skip_compare and not scaling:
+        ap.error("--skip-compare leaves nothing to run without --scaling")
+    try:
+        plan = plan_scaling(scaling, args.layout, args.tensor, args.batch, args.global_batch)
+    except ValueError as err:
+        ap.error(str(err))
+    common = ["--seq", str(args.seq), "--reps", str(args.reps), "--warmup", str(args.warmup),
+              "--param-dtype", args.param_dtype]
     if args.implementation:
         common += ["--implementation", args.implementation]
     if args.remat:
         common.append("--remat")
-    scaling = [int(n) for n in args.scaling.split(",") if n]
-    rows = []
-    for i, (size, preset) in enumerate(sizes.items()):
-        jobs = [("ours", 1, False)] + ([] if args.no_fla else [("fla", 1, False)])
-        if i == 0:
-            jobs += [("ours", n, True) for n in scaling if n != 1]
-        for impl, devices, is_scaling in jobs:
-            label = "deltanet-jax" if impl == "ours" else "fla"
-            print(f"{size}: {label} on {devices} device(s) ...", file=sys.stderr, flush=True)
-            result = _spawn(["--worker", impl, "--preset", preset, "--devices", str(devices), *common], args.timeout)
-            result.update(size=size, label=label, impl=impl, scaling=is_scaling or (impl == "ours" and bool(scaling)))
-            rows.append(result)
     command = "python -m experiments.bench_train " + " ".join(argv if argv is not None else sys.argv[1:])
-    table = render(rows, batch=args.batch, seq=args.seq, command=command.strip())
-    print(table)
-    if not args.no_write:
-        from experiments.benchmarks_md import update_section
+    rows, scaled = [], []
+    for size, preset in ([] if args.skip_compare else sizes.items()):
+        for impl in ["ours"] + ([] if args.no_fla else ["fla"]):
+            label = "deltanet-jax" if impl == "ours" else "fla"
+            print(f"{size}: {label} on 1 device ...", file=sys.stderr, flush=True)
+            result = _spawn(["--worker", impl, "--preset", preset, "--batch", str(args.batch), *common], args.timeout)
+            result.update(size=size, label=label, impl=impl)
+            rows.append(result)
+    size, preset = next(iter(sizes.items()))
+    for n, mesh, global_rows, accum in plan:
+        print(f"{size}: deltanet-jax on {n} device(s), mesh {mesh}, {global_rows} sequences in {accum} "
+              "micro-batch(es) ...", file=sys.stderr, flush=True)
+        result = _spawn(["--worker", "ours", "--preset", preset, "--mesh", ",".join(map(str, mesh)),
+                         "--rows", str(global_rows), "--grad-accum", str(accum), *common], args.timeout)
+        result.update(size=size, devices_asked=n)
+        scaled.append(result)
+    tables = []
+    if rows:
+        tables.append(("training", render(rows, batch=args.batch, seq=args.seq, command=command.strip())))
+    if scaled:
+        tables.append((f"scaling-{size}-{args.layout}",
+                       render_scaling(scaled, size=size, layout=args.layout, seq=args.seq, command=command.strip())))
+    for name, table in tables:
+        print(table)
+        if not args.no_write:
+            from experiments.benchmarks_md import update_section
 
-        print("wrote", update_section("training", table))
-    return rows
+            print("wrote", update_section(name, table))
+    return rows + scaled
 
 
 if __name__ == "__main__":

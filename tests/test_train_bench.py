@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,3 +26,31 @@ def test_quick_bench_train_prints_a_table_and_writes_nothing():
     assert "fla" not in out.stdout.split("|---|")[-1].replace("vs fla", "")
     after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
     assert after == before
+
+
+def test_plan_scaling_meshes_and_accumulation():
+    from experiments.bench_train import plan_scaling
+
+    plan = plan_scaling([1, 2, 4, 8], "fsdp-tp", 2, 8, 256)
+    assert plan == [(1, (1, 1, 1), 256, 32), (2, (1, 1, 2), 256, 32), (4, (1, 2, 2), 256, 16),
+                    (8, (1, 4, 2), 256, 8)]
+    assert plan_scaling([4], "fsdp", 2, 8, None) == [(4, (1, 4, 1), 32, 1)]
+    assert plan_scaling([2], "data", 2, 3, 12) == [(2, (2, 1, 1), 12, 2)]
+    for counts, layout, global_batch, match in (([3], "fsdp-tp", None, "tensor groups of 2"),
+                                                ([4], "fsdp", 20, "not a multiple of 32")):
+        with pytest.raises(ValueError, match=match):
+            plan_scaling(counts, layout, 2, 8, global_batch)
+
+
+def test_quick_scaling_run_with_tensor_parallelism():
+    """Two host devices, FSDP x 2-way tensor parallel, 4 sequences per step in 2 micro-batches."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
+                         "--xla_llvm_disable_expensive_passes=true")
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--quick", "--no-write", "--skip-compare",
+                          "--scaling", "2", "--layout", "fsdp-tp", "--global-batch", "4"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["1, 1, 2", "4", "2"] and float(cells[4]) > 0
