@@ -158,6 +158,7 @@ SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
     "wy_apply": ((0,), (1, 2, 4), (1, 2)),
     "wy_inverse": ((0,), (1, 2, 4, 8), (1, 2)),
     "fwd": ((32, 64), (4, 8), (1, 2, 3)),
+    "fwd_from_t": ((32, 64), (4, 8), (1, 2, 3)),
     "states": ((32, 64), (4, 8), (1, 2, 3)),
     "state_grads": ((32, 64), (4, 8), (1, 2, 3)),
     "dqkw": ((32, 64), (2, 4, 8), (1, 2)),
@@ -169,7 +170,7 @@ def sweep(shape, reps, kernels, overrides: dict | None = None):
     """Time launch choices of each named Pallas kernel alone at one shape (`transposed_inverse` taken
     from `overrides`); prints and returns rows."""
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
-    from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
+    from pallas_kernels.delta_rule.chunk_fwd import chunk_forward, chunk_forward_from_t
     from pallas_kernels.delta_rule.common import Launch, Static
     from pallas_kernels.delta_rule.wy import wy_apply, wy_inverse, wy_prepare
 
@@ -187,6 +188,8 @@ def sweep(shape, reps, kernels, overrides: dict | None = None):
         "wy_apply": lambda L, bv: wy_apply(k, v, beta, tm, q, None, static=st, launch=L),
         "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L, transposed_inverse=tr),
         "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=bv, launch=L),
+        "fwd_from_t": lambda L, bv: chunk_forward_from_t(q, k, v, beta, tm, None, h0, p, static=st, block_v=bv,
+                                                         launch=L),
         "states": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=bv, launch=L),
         "state_grads": lambda L, bv: chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=bv,
                                                        launch=L),
@@ -230,7 +233,15 @@ def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | N
     dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=cf.bwd_block_v,
                                    launch=cf.state_grads)
     _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=cf.dqkw_block_v, launch=cf.dqkw)
-    if cf.split_wy:
+    if cf.fold_wu:
+        from pallas_kernels.delta_rule.chunk_fwd import chunk_forward_from_t
+        bf = beta.astype(jnp.float32)
+        wy_kernels = {
+            "fwd: wy_inverse (T, P)": lambda: wy_inverse(k, beta, None, q, static=st, launch=cf.wy_inverse,
+                                                         transposed_inverse=tr),
+            "fwd: chunk_forward_from_t": lambda: chunk_forward_from_t(q, k, v, bf, tm, None, h0, p, static=st,
+                                                                      block_v=cf.fwd_block_v, launch=cf.fwd)}
+    elif cf.split_wy:
         wy_kernels = {
             "fwd: wy_inverse (T, P)": lambda: wy_inverse(k, beta, None, q, static=st, launch=cf.wy_inverse,
                                                          transposed_inverse=tr),
@@ -238,10 +249,12 @@ def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | N
     else:
         wy_kernels = {"fwd: wy_prepare (+T)": lambda: wy_prepare(k, v, beta, None, q, static=st, with_t=True,
                                                                   launch=cf.wy, transposed_inverse=tr)}
+    scan = {} if cf.fold_wu else {
+        "fwd: chunk_forward": lambda: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=cf.fwd_block_v,
+                                                    launch=cf.fwd)}
     ours = {
         **wy_kernels,
-        "fwd: chunk_forward": lambda: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=cf.fwd_block_v,
-                                                    launch=cf.fwd),
+        **scan,
         "bwd: wy_apply": lambda: wy_apply(k, v, beta, tm, q, None, static=st, launch=cf.wy_apply),
         "bwd: chunk_states": lambda: chunk_forward(q, k, w, u, None, h0, static=st, states=True,
                                                    block_v=cf.fwd_block_v, launch=cf.states),

@@ -99,12 +99,13 @@ def test_inverse_unit_lower16_matches_numpy(case, transposed):
 
 
 @pytest.mark.parametrize("variant", [dict(split_wy=True), dict(transposed_inverse=True),
-                                     dict(split_wy=True, transposed_inverse=True)],
-                         ids=["split", "transposed", "split-transposed"])
+                                     dict(split_wy=True, transposed_inverse=True), dict(fold_wu=True)],
+                         ids=["split", "transposed", "split-transposed", "fold"])
 def test_forward_wy_variants_match_default(variant):
     """The forward WY variants of `KernelConfig` (split: T and P in `wy_inverse`, W and U in
-    `wy_apply`; transposed: the 16x16 substitution from A^T) compute what the default does: outputs,
-    final state and gradients, with segments and qk_l2norm."""
+    `wy_apply`; transposed: the 16x16 substitution from A^T; fold: W and U made inside the scan)
+    compute what the default does: outputs, final state and gradients, with segments, qk_l2norm and
+    an initial state."""
     import dataclasses
 
     from pallas_kernels.delta_rule import chunk_delta_rule

@@ -7,6 +7,7 @@ where P = scale tril(Q K^T) comes precomputed per chunk (`wy_prepare`), so no V-
 
 With segments: tokens outside the incoming segment see S = 0, tril(Q K^T) only links tokens of one
 segment, and a chunk where a segment starts passes on only its last segment's contribution.
+`chunk_forward_from_t` runs the same scan making W and U from T chunk by chunk (no W, U in memory).
 The same kernel, asked for `states`, recomputes for the backward pass the state entering every
 chunk (`[B, NT, H, K, V]`) and V' instead of O.
 """
@@ -34,7 +35,11 @@ def chunk_masks(idx_ref, c, static: Static):
     return attend, (idx == idx_in)[:, None], (idx == idx_last)[:, None], idx_last == idx_in
 
 
-def _fwd_kernel(*refs, static: Static, has_h0: bool, has_out: bool, states: bool, n_chunks: int):
+def _fwd_kernel(*refs, static: Static, has_h0: bool, has_out: bool, states: bool, n_chunks: int,
+                fold: bool = False):
+    if fold:   # W and U made per chunk from T: refs q, k, v, beta, T in place of q, k, w, u
+        q_ref, k_ref, v_ref, beta_ref, t_ref = refs[:5]
+        refs = refs[:2] + (None, None) + refs[5:]
     q_ref, k_ref, w_ref, u_ref = refs[:4]
     p_ref = None if states else refs[4]
     pos = 4 + (not states)
@@ -54,8 +59,15 @@ def _fwd_kernel(*refs, static: Static, has_h0: bool, has_out: bool, states: bool
         _, m_in, m_last, carry = chunk_masks(idx_ref, c, static)
         if states:
             h_ref[c] = state.astype(h_ref.dtype)
-        ws = mm(w_ref[rows, :], state, dtype, static)
-        v_new = u_ref[rows, :].astype(jnp.float32) - (ws if m_in is None else jnp.where(m_in, ws, 0.0))
+        if fold:
+            b_c = beta_ref[rows].astype(jnp.float32)[:, None]
+            t_c = t_ref[rows, :]
+            w_c = mm(t_c, k_c * b_c, dtype, static)
+            u_c = mm(t_c, v_ref[rows, :].astype(jnp.float32) * b_c, dtype, static)
+        else:
+            w_c, u_c = w_ref[rows, :], u_ref[rows, :].astype(jnp.float32)
+        ws = mm(w_c, state, dtype, static)
+        v_new = u_c - (ws if m_in is None else jnp.where(m_in, ws, 0.0))
         if states:
             out_ref[rows, :] = v_new.astype(out_ref.dtype)
         else:
@@ -120,4 +132,36 @@ def chunk_forward(q, k, w, u, idx, h0, p=None, *, static: Static, states: bool =
         out_shape=tuple(out_shape), input_output_aliases=aliases, grid=grid, in_specs=in_specs, out_specs=tuple(out_specs),
         interpret=static.interpret, compiler_params=launch.params(),
         name="delta_rule_chunk_states" if states else "delta_rule_chunk_fwd",
+    )(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "block_v", "launch"))
+def chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, *, static: Static, block_v: int = 64,
+                         launch: Launch = Launch(4, 2)):
+    """The forward scan making W = T (beta K) and U = T (beta V) chunk by chunk from T instead of
+    reading them: q, k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]` float32, tmat and p
+    `[B, T, H, 64]` (from `wy_inverse`), idx and h0 as `chunk_forward`.
+
+    Returns `(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] f32)`."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    bv = min(block_v, V)
+    seq = lambda d: pl.BlockSpec((None, T, None, d), lambda j, b, h: (b, 0, h, 0))
+    tile = pl.BlockSpec((None, T, None, bv), lambda j, b, h: (b, 0, h, j))
+    kv = pl.BlockSpec((None, None, K, bv), lambda j, b, h: (b, h, 0, j))
+    in_specs = [seq(K), seq(K), tile, pl.BlockSpec((None, T, None), lambda j, b, h: (b, 0, h)), seq(CHUNK),
+                seq(CHUNK)]
+    args = [q, k, v, beta, tmat, p]
+    if static.has_segments:
+        in_specs.append(pl.BlockSpec((None, T), lambda j, b, h: (b, 0)))
+        args.append(idx)
+    if h0 is not None:
+        in_specs.append(kv)
+        args.append(h0)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, static=static, has_h0=h0 is not None, has_out=False, states=False,
+                          n_chunks=T // CHUNK, fold=True),
+        out_shape=(jax.ShapeDtypeStruct((B, T, H, V), q.dtype), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)),
+        grid=(V // bv, B, H), in_specs=in_specs, out_specs=(tile, kv),
+        interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_chunk_fwd_from_t",
     )(*args)

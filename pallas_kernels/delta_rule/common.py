@@ -154,6 +154,7 @@ class KernelConfig:
     wy_bwd_block_v: int = 64
     split_wy: bool = False          # forward WY in two kernels: `wy_inverse` (T, P), `wy_apply` (W, U)
     transposed_inverse: bool = False  # 16x16 substitution from A^T blocks (no layout conversion per step)
+    fold_wu: bool = False           # forward scan makes W, U from T per chunk (`wy_inverse` + `chunk_forward_from_t`)
     wy_inverse: Launch = Launch(4, 1)
 
     @classmethod

@@ -1,7 +1,8 @@
 """`chunk_delta_rule`: the Pallas chunked delta rule with a custom VJP.
 
 Forward: `wy_prepare` (T = (I + A)^{-1}, W, U and P = scale tril(Q K^T) per chunk, parallel; or the
-same split into `wy_inverse` and `wy_apply`) then `chunk_forward` (the state scan). Saved for the
+same split into `wy_inverse` and `wy_apply`) then `chunk_forward` (the state scan); or `wy_inverse`
+then `chunk_forward_from_t`, which makes W and U chunk by chunk inside the scan. Saved for the
 backward pass: the inputs and T (`[B, T, H, 64]` in the inputs' dtype: O(T * C) per head).
 The backward pass recomputes W, U and P from T (`wy_apply`), the state entering each chunk and V'
 (`chunk_forward(states=True)`), runs the reverse state scan (`chunk_state_grads`) and finishes with
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
-from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
+from pallas_kernels.delta_rule.chunk_fwd import chunk_forward, chunk_forward_from_t
 from pallas_kernels.delta_rule.common import CHUNK, KernelConfig, Static
 from pallas_kernels.delta_rule.wy import wy_apply, wy_inverse, wy_prepare
 
@@ -45,14 +46,27 @@ def _wy(q, k, v, beta, idx, static, config, with_t: bool):
     return w, u, None, p
 
 
+def _forward_with_t(q, k, v, beta, h0, idx, static, config):
+    """(o, final_state) and T."""
+    if config.fold_wu:
+        tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse,
+                             transposed_inverse=config.transposed_inverse)
+        out = chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, static=static, block_v=config.fwd_block_v,
+                                   launch=config.fwd)
+        return out, tmat
+    w, u, tmat, p = _wy(q, k, v, beta, idx, static, config, with_t=True)
+    return chunk_forward(q, k, w, u, idx, h0, p, static=static, block_v=config.fwd_block_v, launch=config.fwd), tmat
+
+
 def _forward(q, k, v, beta, h0, idx, static, config):
+    if config.fold_wu:
+        return _forward_with_t(q, k, v, beta, h0, idx, static, config)[0]
     w, u, _, p = _wy(q, k, v, beta, idx, static, config, with_t=False)
     return chunk_forward(q, k, w, u, idx, h0, p, static=static, block_v=config.fwd_block_v, launch=config.fwd)
 
 
 def _delta_rule_fwd(q, k, v, beta, h0, idx, static, config):
-    w, u, tmat, p = _wy(q, k, v, beta, idx, static, config, with_t=True)
-    out = chunk_forward(q, k, w, u, idx, h0, p, static=static, block_v=config.fwd_block_v, launch=config.fwd)
+    out, tmat = _forward_with_t(q, k, v, beta, h0, idx, static, config)
     return out, (q, k, v, beta, h0, idx, tmat)
 
 
