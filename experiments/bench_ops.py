@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import sys
 
@@ -157,6 +158,7 @@ SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
     "wy": ((0,), (1, 2, 4), (1, 2)),
     "wy_apply": ((0,), (1, 2, 4), (1, 2)),
     "wy_inverse": ((0,), (1, 2, 4, 8), (1, 2)),
+    "wy_apply_wu": ((0,), (1, 2, 4), (1, 2)),
     "fwd": ((32, 64), (4, 8), (1, 2, 3)),
     "fwd_from_t": ((32, 64), (4, 8), (1, 2, 3)),
     "states": ((32, 64), (4, 8), (1, 2, 3)),
@@ -166,36 +168,54 @@ SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
 }
 
 
-def sweep(shape, reps, kernels, overrides: dict | None = None):
-    """Time launch choices of each named Pallas kernel alone at one shape (`transposed_inverse` taken
-    from `overrides`); prints and returns rows."""
+KERNEL_LABELS = {  # kernel -> its name in the breakdown
+    "wy": "wy_prepare (+T)", "wy_inverse": "wy_inverse (T, P)", "wy_apply_wu": "wy_apply (W, U)",
+    "fwd": "chunk_forward", "fwd_from_t": "chunk_forward_from_t", "wy_apply": "wy_apply",
+    "states": "chunk_states", "state_grads": "chunk_state_grads", "dqkw": "chunk_dqkw", "wy_bwd": "wy_backward",
+}
+
+
+def kernel_calls(shape, transposed_inverse: bool = False):
+    """Every Pallas kernel at `shape` as `name -> fn(launch, block_v)` on fixed random bf16 inputs
+    (each kernel's upstream results computed once), and the NumPy inputs."""
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
     from pallas_kernels.delta_rule.chunk_fwd import chunk_forward, chunk_forward_from_t
-    from pallas_kernels.delta_rule.common import Launch, Static
+    from pallas_kernels.delta_rule.common import Static
     from pallas_kernels.delta_rule.wy import wy_apply, wy_inverse, wy_prepare
 
-    q, k, v, beta, h0, do = (jnp.asarray(x) for x in make_inputs(shape))
+    np_in = make_inputs(shape)
+    q, k, v, beta, h0, do = (jnp.asarray(x) for x in np_in)
     q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
     st = Static(scale=shape[-1] ** -0.5, qk_l2norm=False, has_segments=False,
                 interpret=jax.default_backend() != "gpu")
-    tr = bool((overrides or {}).get("transposed_inverse", False))
+    tr = transposed_inverse
     w, u, tm, p = wy_prepare(k, v, beta, None, q, static=st, with_t=True)
     vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True)
     dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st)
     _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st)
-    cands = {
+    calls = {
         "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L, transposed_inverse=tr),
-        "wy_apply": lambda L, bv: wy_apply(k, v, beta, tm, q, None, static=st, launch=L),
         "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L, transposed_inverse=tr),
+        "wy_apply_wu": lambda L, bv: wy_apply(k, v, beta, tm, None, None, static=st, launch=L),
         "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=bv, launch=L),
         "fwd_from_t": lambda L, bv: chunk_forward_from_t(q, k, v, beta, tm, None, h0, p, static=st, block_v=bv,
                                                          launch=L),
+        "wy_apply": lambda L, bv: wy_apply(k, v, beta, tm, q, None, static=st, launch=L),
         "states": lambda L, bv: chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=bv, launch=L),
         "state_grads": lambda L, bv: chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=bv,
                                                        launch=L),
         "dqkw": lambda L, bv: chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=bv, launch=L),
         "wy_bwd": lambda L, bv: wy_backward(k, v, beta, tm, dw, dvn, dkp, None, static=st, block_v=bv, launch=L),
     }
+    return calls, np_in
+
+
+def sweep(shape, reps, kernels, overrides: dict | None = None):
+    """Time launch choices of each named Pallas kernel alone at one shape (`transposed_inverse` taken
+    from `overrides`); prints and returns rows."""
+    from pallas_kernels.delta_rule.common import Launch
+
+    cands, _ = kernel_calls(shape, bool((overrides or {}).get("transposed_inverse", False)))
     rows = []
     for name in kernels:
         bvs, warps, stages = SWEEPS[name]
@@ -216,55 +236,21 @@ def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | N
     """Device time of each kernel of the forward and backward passes alone at one shape, with the
     launch choices the op uses (`KernelConfig.for_shape` with `overrides`), and of each of fla's
     kernels when importable; prints and returns rows (impl, kernel, ms)."""
-    from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
-    from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
-    from pallas_kernels.delta_rule.common import KernelConfig, Static
-    from pallas_kernels.delta_rule.wy import wy_apply, wy_inverse, wy_prepare
+    from pallas_kernels.delta_rule.common import KernelConfig
 
     B, T, H, D = shape
-    np_in = make_inputs(shape)
-    q, k, v, beta, h0, do = (jnp.asarray(x) for x in np_in)
-    q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
-    st = Static(scale=D ** -0.5, qk_l2norm=False, has_segments=False, interpret=jax.default_backend() != "gpu")
     cf = dataclasses.replace(KernelConfig.for_shape(D, D, B * H), **(overrides or {}))
-    tr = cf.transposed_inverse
-    w, u, tm, p = wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=cf.wy)
-    vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=cf.fwd_block_v, launch=cf.states)
-    dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=cf.bwd_block_v,
-                                   launch=cf.state_grads)
-    _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=cf.dqkw_block_v, launch=cf.dqkw)
-    if cf.fold_wu:
-        from pallas_kernels.delta_rule.chunk_fwd import chunk_forward_from_t
-        bf = beta.astype(jnp.float32)
-        wy_kernels = {
-            "fwd: wy_inverse (T, P)": lambda: wy_inverse(k, beta, None, q, static=st, launch=cf.wy_inverse,
-                                                         transposed_inverse=tr),
-            "fwd: chunk_forward_from_t": lambda: chunk_forward_from_t(q, k, v, bf, tm, None, h0, p, static=st,
-                                                                      block_v=cf.fwd_block_v, launch=cf.fwd)}
-    elif cf.split_wy:
-        wy_kernels = {
-            "fwd: wy_inverse (T, P)": lambda: wy_inverse(k, beta, None, q, static=st, launch=cf.wy_inverse,
-                                                         transposed_inverse=tr),
-            "fwd: wy_apply (W, U)": lambda: wy_apply(k, v, beta, tm, None, None, static=st, launch=cf.wy_apply)}
-    else:
-        wy_kernels = {"fwd: wy_prepare (+T)": lambda: wy_prepare(k, v, beta, None, q, static=st, with_t=True,
-                                                                  launch=cf.wy, transposed_inverse=tr)}
-    scan = {} if cf.fold_wu else {
-        "fwd: chunk_forward": lambda: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=cf.fwd_block_v,
-                                                    launch=cf.fwd)}
-    ours = {
-        **wy_kernels,
-        **scan,
-        "bwd: wy_apply": lambda: wy_apply(k, v, beta, tm, q, None, static=st, launch=cf.wy_apply),
-        "bwd: chunk_states": lambda: chunk_forward(q, k, w, u, None, h0, static=st, states=True,
-                                                   block_v=cf.fwd_block_v, launch=cf.states),
-        "bwd: chunk_state_grads": lambda: chunk_state_grads(q, k, w, do, p, None, None, static=st,
-                                                            block_v=cf.bwd_block_v, launch=cf.state_grads),
-        "bwd: chunk_dqkw": lambda: chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st,
-                                              block_v=cf.dqkw_block_v, launch=cf.dqkw),
-        "bwd: wy_backward": lambda: wy_backward(k, v, beta, tm, dw, dvn, dkp, None, static=st,
-                                                block_v=cf.wy_bwd_block_v, launch=cf.wy_bwd),
-    }
+    kernels, np_in = kernel_calls(shape, cf.transposed_inverse)
+    launches = {"wy": (cf.wy, 0), "wy_inverse": (cf.wy_inverse, 0), "wy_apply_wu": (cf.wy_apply, 0),
+                "fwd": (cf.fwd, cf.fwd_block_v), "fwd_from_t": (cf.fwd, cf.fwd_block_v), "wy_apply": (cf.wy_apply, 0),
+                "states": (cf.states, cf.fwd_block_v), "state_grads": (cf.state_grads, cf.bwd_block_v),
+                "dqkw": (cf.dqkw, cf.dqkw_block_v), "wy_bwd": (cf.wy_bwd, cf.wy_bwd_block_v)}
+    forward = (["wy_inverse", "fwd_from_t"] if cf.fold_wu else ["wy_inverse", "wy_apply_wu", "fwd"] if cf.split_wy
+               else ["wy", "fwd"])
+    passes = [("fwd", name) for name in forward] + [("bwd", name) for name in
+                                                    ("wy_apply", "states", "state_grads", "dqkw", "wy_bwd")]
+    ours = {f"{stage}: {KERNEL_LABELS[name]}": functools.partial(kernels[name], *launches[name])
+            for stage, name in passes}
     rows = []
 
     def record(impl, name, fn, sync):

@@ -8,8 +8,8 @@
 `wy_inverse` + `wy_apply` compute the same in two kernels (`KernelConfig.split_wy`).
 
 Optionally writes T (`[B, T, H, C]` in k's dtype, row-major per chunk: W and U multiply it in that
-dtype anyway) for the backward pass. P is the
-intra-chunk attention the state scans would otherwise recompute for every V-tile.
+dtype anyway) for the backward pass. P is the intra-chunk attention the state scans would otherwise
+recompute for every V-tile.
 """
 
 from __future__ import annotations
