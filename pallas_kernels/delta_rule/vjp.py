@@ -28,45 +28,29 @@ KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _delta_rule(q, k, v, beta, h0, idx, static: Static, config: KernelConfig):
-    return _forward(q, k, v, beta, h0, idx, static, config)
+    return _forward(q, k, v, beta, h0, idx, static, config)[0]
 
 
-def _wy(q, k, v, beta, idx, static, config, with_t: bool):
-    """W, U, T (or None) and P of every chunk, in one kernel or two (`config.split_wy`)."""
-    if config.split_wy:
+def _forward(q, k, v, beta, h0, idx, static, config, with_t: bool = False):
+    """(o, final_state), and T (None unless `with_t` or made anyway), by the forward variant of
+    `config`: fused `wy_prepare`, split (`wy_inverse` + `wy_apply`) or folded (`wy_inverse` +
+    `chunk_forward_from_t`)."""
+    scan = dict(static=static, block_v=config.fwd_block_v, launch=config.fwd)
+    if config.split_wy or config.fold_wu:
         tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse,
                              transposed_inverse=config.transposed_inverse)
+        if config.fold_wu:
+            return chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, **scan), tmat
         w, u = wy_apply(k, v, beta, tmat, None, idx, static=static, launch=config.wy_apply)
-        return w, u, tmat, p
-    if with_t:
-        return wy_prepare(k, v, beta, idx, q, static=static, with_t=True, launch=config.wy,
-                          transposed_inverse=config.transposed_inverse)
-    w, u, p = wy_prepare(k, v, beta, idx, q, static=static, launch=config.wy,
-                         transposed_inverse=config.transposed_inverse)
-    return w, u, None, p
-
-
-def _forward_with_t(q, k, v, beta, h0, idx, static, config):
-    """(o, final_state) and T."""
-    if config.fold_wu:
-        tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse,
-                             transposed_inverse=config.transposed_inverse)
-        out = chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, static=static, block_v=config.fwd_block_v,
-                                   launch=config.fwd)
-        return out, tmat
-    w, u, tmat, p = _wy(q, k, v, beta, idx, static, config, with_t=True)
-    return chunk_forward(q, k, w, u, idx, h0, p, static=static, block_v=config.fwd_block_v, launch=config.fwd), tmat
-
-
-def _forward(q, k, v, beta, h0, idx, static, config):
-    if config.fold_wu:
-        return _forward_with_t(q, k, v, beta, h0, idx, static, config)[0]
-    w, u, _, p = _wy(q, k, v, beta, idx, static, config, with_t=False)
-    return chunk_forward(q, k, w, u, idx, h0, p, static=static, block_v=config.fwd_block_v, launch=config.fwd)
+    else:
+        w, u, *rest = wy_prepare(k, v, beta, idx, q, static=static, with_t=with_t, launch=config.wy,
+                                 transposed_inverse=config.transposed_inverse)
+        tmat, p = rest if with_t else (None, rest[0])
+    return chunk_forward(q, k, w, u, idx, h0, p, **scan), tmat
 
 
 def _delta_rule_fwd(q, k, v, beta, h0, idx, static, config):
-    out, tmat = _forward_with_t(q, k, v, beta, h0, idx, static, config)
+    out, tmat = _forward(q, k, v, beta, h0, idx, static, config, with_t=True)
     return out, (q, k, v, beta, h0, idx, tmat)
 
 
