@@ -68,10 +68,19 @@ def causal_conv1d_step(x_t: jax.Array, weight: jax.Array, state: jax.Array) -> t
     """One decoding step. x_t [B, D]; weight [D, W]; state [B, W - 1, D].
 
     Returns (y_t [B, D] float32 without activation, new_state [B, W - 1, D]).
+
+    Tap by tap, elementwise (no dot): as a [B, W, D] x [D, W] contraction XLA's GPU backend made
+    it a concatenate-and-reduce fusion that took 0.3 ms at batch 1 (H200), 90% of a 340M model's
+    decoding step with its three convolutions per layer.
     """
-    window = jnp.concatenate([state.astype(x_t.dtype), x_t[:, None, :]], axis=1)  # [B, W, D]
-    y = jnp.einsum("bwd,dw->bd", window.astype(jnp.float32), weight.astype(jnp.float32))
-    return y, window[:, 1:, :]
+    w = weight.shape[1]
+    state = state.astype(x_t.dtype)
+    w32 = weight.astype(jnp.float32)
+    y = x_t.astype(jnp.float32) * w32[:, w - 1]
+    for j in range(w - 1):
+        y = y + state[:, j, :].astype(jnp.float32) * w32[:, j]
+    new_state = jnp.concatenate([state, x_t[:, None, :]], axis=1)[:, 1:, :]  # [B, W - 1, D], also for W = 1
+    return y, new_state
 
 
 class ShortConvolution(nnx.Module):
