@@ -20,15 +20,19 @@ float32 is what `experiments.pretrain` uses).
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 SIZES = {"340m": "deltanet-340m", "1.3b": "deltanet-1.3b"}
 QUICK_PRESET = "tiny-shakespeare"
+PROGRESS = "progress: "
 
 
 def _model_section(preset: str) -> dict[str, Any]:
@@ -78,6 +82,7 @@ def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_
     from deltanet_jax.train.step import make_train_step
     from deltanet_jax.train.trainer import ShardedSetup
 
+    start = time.perf_counter()
     devices = mesh_shape[0] * mesh_shape[1] * mesh_shape[2]
     dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     config = RunConfig.from_dict({
@@ -88,6 +93,7 @@ def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_
     mesh = build_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)), jax.devices()[:devices])
     setup = ShardedSetup(config, mesh)
     state = setup.init()
+    _progress(f"{setup.num_params / 1e6:.0f}M parameters initialised on a {mesh_shape} mesh", start)
     if param_dtype != "float32":  # cast parameters and Adam moments, as fla's .to(bfloat16) does
         cast = lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
         state = jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=setup.shardings, donate_argnums=0)(state)
@@ -106,7 +112,10 @@ def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_
         jax.block_until_ready(metrics["loss"])
         return metrics
 
+    step()
+    _progress("first step done (compilation included)", start)
     seconds = _median_s(step, reps, warmup)
+    _progress(f"{warmup} warm-up and {reps} timed steps done: {seconds * 1e3:.1f} ms per step", start)
     loss = float(step()["loss"])
     stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
     peak_bytes = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0)
@@ -124,9 +133,11 @@ def worker_fla(preset: str, batch: int, seq: int, reps: int, warmup: int) -> dic
     import torch
     from fla.models import DeltaNetConfig, DeltaNetForCausalLM
 
+    start = time.perf_counter()
     device = torch.device("cuda")
     config = DeltaNetConfig(**_model_section(preset))
     model = DeltaNetForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    _progress("model built", start)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     gen = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (batch, seq), device=device, generator=gen) for _ in range(2)]
@@ -145,20 +156,53 @@ def worker_fla(preset: str, batch: int, seq: int, reps: int, warmup: int) -> dic
         holder["loss"] = loss
 
     torch.cuda.reset_peak_memory_stats(device)
+    step()
+    _progress("first step done (autotuning included)", start)
     seconds = _median_s(step, reps, warmup)
+    _progress(f"{warmup} warm-up and {reps} timed steps done: {seconds * 1e3:.1f} ms per step", start)
     return {"impl": "fla", "devices": 1, "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30, "mfu": None,
             "loss": float(holder["loss"]), "params": sum(p.numel() for p in model.parameters()),
             "param_dtype": "bfloat16", "device": torch.cuda.get_device_name(device)}
 
 
+def _progress(message: str, start: float) -> None:
+    """A worker's progress line (the parent echoes these as they come)."""
+    print(f"{PROGRESS}{time.perf_counter() - start:7.1f} s  {message}", file=sys.stderr, flush=True)
+
+
 def _spawn(args: list[str], timeout: int) -> dict[str, Any]:
+    """Run one worker; echo its progress lines while it runs; its RESULT, or {"error": ...} with the
+    end of its output (also on a timeout)."""
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    out = subprocess.run([sys.executable, "-m", "experiments.bench_train", *args], capture_output=True, text=True,
-                         timeout=timeout, env=env)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        return {"error": (out.stderr or out.stdout)[-1500:].strip()}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.bench_train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    out: list[str] = []
+    err: collections.deque = collections.deque(maxlen=60)
+
+    def pump_err():
+        for line in proc.stderr:
+            err.append(line)
+            if line.startswith(PROGRESS):
+                print("    " + line[len(PROGRESS):].rstrip(), file=sys.stderr, flush=True)
+
+    pumps = [threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True),
+             threading.Thread(target=pump_err, daemon=True)]
+    for t in pumps:
+        t.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        for t in pumps:
+            t.join(5)
+        return {"error": f"timed out after {timeout} s (--timeout); last output: " + "".join(err)[-1000:].strip()}
+    for t in pumps:
+        t.join()
+    lines = [line for line in out if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {"error": ("".join(err) or "".join(out))[-1500:].strip()}
     return json.loads(lines[-1][len("RESULT "):])
 
 

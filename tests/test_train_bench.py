@@ -26,6 +26,16 @@ def test_quick_bench_train_prints_a_table_and_writes_nothing():
     assert "fla" not in out.stdout.split("|---|")[-1].replace("vs fla", "")
     after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
     assert after == before
+    assert "first step done (compilation included)" in out.stderr  # the worker's progress, echoed live
+
+
+def test_a_worker_past_its_timeout_is_stopped_and_reported(monkeypatch):
+    from experiments import bench_train
+
+    monkeypatch.chdir(ROOT)
+    result = bench_train._spawn(["--worker", "ours", "--preset", "tiny-shakespeare", "--batch", "2", "--seq", "64"],
+                                timeout=1)
+    assert "timed out after 1 s" in result["error"]
 
 
 def test_plan_scaling_meshes_and_accumulation():
