@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from experiments.bench_ops import jax_fns, make_inputs, pallas_config, parse_config, parse_shapes
 
 CALL_PREFIX = "trace_ops:"
+HOST_SPANS = 12  # host-side spans listed per call
 
 
 def load_trace(log_dir: str) -> list[dict]:
@@ -46,16 +47,19 @@ def load_trace(log_dir: str) -> list[dict]:
 
 
 def calls_and_kernels(events: list[dict]) -> list[dict]:
-    """Per host call (annotated `trace_ops:<label>`): its wall time and the device events that start
-    inside it, as offsets from the call's start (microseconds)."""
+    """Per host call (annotated `trace_ops:<label>`): its wall time, and the device events and the
+    host-side spans (runtime, not Python frames) that start inside it, as offsets from the call's
+    start (microseconds)."""
     device = [e for e in events if "/device:" in e["process"] and "/host" not in e["process"]]
+    host = [e for e in events if "/host" in e["process"] and not e["name"].startswith(("$", CALL_PREFIX))]
     out = []
     for call in sorted((e for e in events if e["name"].startswith(CALL_PREFIX)), key=lambda e: e["ts"]):
         t0, t1 = call["ts"], call["ts"] + call["dur"]
-        inside = sorted((e for e in device if t0 <= e["ts"] < t1), key=lambda e: e["ts"])
+        span = lambda evs: [dict(name=e["name"], thread=e.get("thread", "?"), start_us=e["ts"] - t0,  # noqa: E731
+                                 dur_us=e.get("dur", 0.0)) for e in sorted(evs, key=lambda e: e["ts"])]
         out.append(dict(label=call["name"][len(CALL_PREFIX):], wall_us=call["dur"],
-                        kernels=[dict(name=e["name"], thread=e.get("thread", "?"), start_us=e["ts"] - t0,
-                                      dur_us=e.get("dur", 0.0)) for e in inside]))
+                        kernels=span(e for e in device if t0 <= e["ts"] < t1),
+                        host=span(e for e in host if t0 <= e["ts"] < t1)))
     return out
 
 
@@ -82,6 +86,11 @@ def describe(call: dict) -> str:
                      f" host returns {call['wall_us'] - end:.1f} us later")
     else:
         lines.append("  (no device events in this trace: host-only backend)")
+    longest = sorted(call.get("host", []), key=lambda e: -e["dur_us"])[:HOST_SPANS]
+    if longest:
+        lines.append(f"  host spans (the {len(longest)} longest, in start order; Python frames left out):")
+        for e in sorted(longest, key=lambda e: e["start_us"]):
+            lines.append(f"  +{e['start_us']:9.1f} us  {e['dur_us']:8.1f} us  [{e['thread'][:24]}]  {e['name'][:70]}")
     return "\n".join(lines)
 
 

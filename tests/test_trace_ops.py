@@ -12,6 +12,7 @@ def _events():
         dict(dev, name="chunk_fwd", ts=340.0, dur=100.0),
         dict(dev, name="later", ts=700.0, dur=10.0),            # after the call: not counted
         dict(host, name="unrelated", ts=120.0, dur=5.0),
+        dict(host, name="$profiler.py:307 trace", ts=110.0, dur=50.0),
     ]
 
 
@@ -23,6 +24,8 @@ def test_calls_and_kernels_offsets_and_summary():
     text = trace_ops.describe(call)
     assert "(gap    10.0)  chunk_fwd" in text
     assert "device busy 300.0 us; first kernel after 30.0 us; last ends at 340.0 us; host returns 160.0 us later" in text
+    assert [(e["name"], e["start_us"]) for e in call["host"]] == [("unrelated", 20.0)]  # Python frames left out
+    assert "+     20.0 us       5.0 us  [python]  unrelated" in text
 
 
 def test_host_only_trace_end_to_end(tmp_path):
