@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.delta_rule.chunk_fwd import chunk_masks
-from pallas_kernels.delta_rule.common import (CHUNK, Launch, Static, iota2, l2normalize, l2normalize_bwd,
-                                              load_rows, mm)
+from pallas_kernels.delta_rule.common import (CHUNK, Launch, Static, add_segments_and_state, iota2, l2normalize,
+                                              l2normalize_bwd, load_rows, mm)
 
 
 def _state_grads_kernel(*refs, static: Static, has_dht: bool, n_chunks: int):
@@ -77,12 +77,7 @@ def chunk_state_grads(q, k, w, do, p, idx, dht, *, static: Static, block_v: int 
     kv = pl.BlockSpec((None, None, K, bv), lambda j, b, h: (b, h, 0, j))
     in_specs = [seq, seq, seq, tile, pl.BlockSpec((None, T, None, CHUNK), lambda j, b, h: (b, 0, h, 0))]
     args = [q, k, w, do, p]
-    if static.has_segments:
-        in_specs.append(pl.BlockSpec((None, T), lambda j, b, h: (b, 0)))
-        args.append(idx)
-    if dht is not None:
-        in_specs.append(kv)
-        args.append(dht)
+    add_segments_and_state(in_specs, args, idx, dht, static, T, kv)
     h_dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype
     out_shape = (jax.ShapeDtypeStruct((B, T, H, V), h_dtype), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),
                  jax.ShapeDtypeStruct((B, nt, H, K, V), h_dtype))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.delta_rule.common import CHUNK, Launch, Static, iota2, load_rows, mm
+from pallas_kernels.delta_rule.common import CHUNK, Launch, Static, add_segments_and_state, iota2, load_rows, mm
 
 
 def chunk_masks(idx_ref, c, static: Static):
@@ -82,16 +82,6 @@ def _fwd_kernel(*refs, static: Static, has_h0: bool, has_out: bool, states: bool
     last_ref[...] = jax.lax.fori_loop(0, n_chunks, body, state0)
 
 
-def _add_segments_and_h0(in_specs: list, args: list, idx, h0, static: Static, T: int, kv) -> None:
-    """Append the scans' optional operands: segment indices `[B, T]`, then the initial state (`kv` spec)."""
-    if static.has_segments:
-        in_specs.append(pl.BlockSpec((None, T), lambda j, b, h: (b, 0)))
-        args.append(idx)
-    if h0 is not None:
-        in_specs.append(kv)
-        args.append(h0)
-
-
 @functools.partial(jax.jit, static_argnames=("static", "states", "block_v", "launch"))
 def chunk_forward(q, k, w, u, idx, h0, p=None, *, static: Static, states: bool = False, block_v: int = 64,
                   launch: Launch = Launch(4, 2), out=None):
@@ -118,7 +108,7 @@ def chunk_forward(q, k, w, u, idx, h0, p=None, *, static: Static, states: bool =
             raise ValueError("chunk_forward needs the chunks' P unless states=True")
         in_specs.append(seq(CHUNK))
         args.append(p)
-    _add_segments_and_h0(in_specs, args, idx, h0, static, T, kv)
+    add_segments_and_state(in_specs, args, idx, h0, static, T, kv)
     aliases = {}
     if out is not None:
         in_specs.append(tile)
@@ -157,7 +147,7 @@ def chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, *, static: Static, blo
     in_specs = [seq(K), seq(K), tile, pl.BlockSpec((None, T, None), lambda j, b, h: (b, 0, h)), seq(CHUNK),
                 seq(CHUNK)]
     args = [q, k, v, beta, tmat, p]
-    _add_segments_and_h0(in_specs, args, idx, h0, static, T, kv)
+    add_segments_and_state(in_specs, args, idx, h0, static, T, kv)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, static=static, has_h0=h0 is not None, has_out=False, states=False,
                           n_chunks=T // CHUNK, fold=True),

@@ -45,6 +45,18 @@ class Static:
         return jax.lax.Precision.HIGHEST if self.interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
+def add_segments_and_state(in_specs: list, args: list, idx, state, static: Static, T: int, kv) -> None:
+    """Append the state scans' optional operands (grid (V-tile, batch, head)): segment indices
+    `[B, T]`, then a state `[B, H, K, V]` (the initial state, or the final state's gradient) under
+    the `kv` spec."""
+    if static.has_segments:
+        in_specs.append(pl.BlockSpec((None, T), lambda j, b, h: (b, 0)))
+        args.append(idx)
+    if state is not None:
+        in_specs.append(kv)
+        args.append(state)
+
+
 def dot(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
     """`a @ b` for 2-D operands of one dtype, accumulated in float32."""
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
