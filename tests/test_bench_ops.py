@@ -16,6 +16,7 @@ def test_quick_run_with_breakdown(tmp_path):
     res = json.loads(out.read_text())
     (row,) = res["rows"]
     assert row["pallas_fwd"] > 0 and row["pallas_fwdbwd"] > 0 and row["err_pallas_vs_xla"] < 0.02
+    assert row["pallas_fwd_b2b"] > 0 and row["pallas_fwdbwd_b2b"] > 0 and "xla_fwd_b2b" not in row
     kernels = [r["kernel"] for r in res["breakdown"] if r["impl"] == "pallas"]
     assert kernels[:2] == ["fwd: wy_inverse (T, P)", "fwd: wy_apply (W, U)"]   # the split forward
     assert len(kernels) == 8 and all(r["ms"] > 0 for r in res["breakdown"])
@@ -37,3 +38,11 @@ def test_render_breakdown_sums_per_pass():
     ])
     text = bench_ops.render(res)
     assert "| 1, 64, 1, 16 | pallas | a 0.500 · b 0.250 | 0.750 | c 1.000 | 1.000 |" in text
+
+
+def test_render_back_to_back_table():
+    row = dict(shape=[1, 64, 1, 16], pallas_fwd=1.0, pallas_fwdbwd=2.0, pallas_fwd_b2b=0.5, pallas_fwdbwd_b2b=1.6,
+               fla_fwd=0.9, fla_fwdbwd=2.2, fla_fwd_b2b=0.6, fla_fwdbwd_b2b=2.0)
+    text = bench_ops.render(dict(gpu="X", jax="0", date="d", command="c", rows=[row]))
+    assert "| 1, 64, 1, 16 | 1.000 | 0.900 | — | 0.90× |" in text   # with a barrier per call
+    assert "| 1, 64, 1, 16 | 0.500 | 0.600 | 1.20× | 1.600 | 2.000 | 1.25× |" in text   # back to back
