@@ -5,8 +5,8 @@ Relative error ||ours - fla|| / ||fla|| on random tokens: <= 1e-2 in bfloat16, <
 The reference is fla's model in float32 (its fused_recurrent kernel, which has no TF32 matmuls):
 on the float32 checkpoint for our float32 model (chunked form, highest matmul precision), and on
 the bf16 checkpoint's weights for our bf16 model (default kernels). Two bf16 computations differ
-by both their rounding noises, so the bf16 case measures ours against fla's exact math and prints
-fla's own bf16 model's error against the same reference beside it. Needs torch and fla
+by both their rounding noises, so the bf16 case measures ours against fla's exact math, beside fla's
+own bf16 model against the same reference (see BF16_MARGIN). Needs torch and fla
 (`pip install` the wheels of ../shared/tools/device-wheels); run with `pytest -m gpu -s` to see
 the errors.
 
@@ -36,6 +36,11 @@ CASES = {
     "neg-eigval": {"allow_neg_eigval": True},
 }
 TOLERANCE = {"bfloat16": 1e-2, "float32": 1e-4}
+# bf16 rounding alone moves this 4-layer model's logits by ~2.5e-2 (ours in bf16 against ours in
+# float32 on the same bf16 weights, CPU: 0.9e-2 after one layer, 1.4e-2 after two): above 1e-2.
+# So in bf16 ours must be within 1e-2 of fla's float32 logits, or no further than BF16_MARGIN
+# times fla's own bf16 model is.
+BF16_MARGIN = 1.25
 
 
 def _softmax_attention(q, k, v, causal=True, window_size=(-1, -1), **unused):
@@ -136,10 +141,12 @@ def test_logits_match_fla(case, dtype, torch_fla, tmp_path, monkeypatch):
         got = np.asarray(nnx.jit(lambda m, x: m(x))(imported.model, jnp.asarray(ids.numpy(), jnp.int32)))
     rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))  # noqa: E731
     err = rel(got, want)
-    print(f"\n[{case} {dtype}] relative logits error vs fla: {err:.3e} (tolerance {TOLERANCE[dtype]:.0e}); "
-          f"logit std {want.std():.3f}")
-    if fla_bf16 is not None:
-        print(f"[{case} {dtype}] fla's own bf16 model vs the same reference: {rel(fla_bf16, want):.3e}; "
+    tolerance = TOLERANCE[dtype]
+    if fla_bf16 is not None:  # never looser than fla's own bf16 model allows itself (BF16_MARGIN)
+        tolerance = max(tolerance, BF16_MARGIN * rel(fla_bf16, want))
+        print(f"\n[{case} {dtype}] fla's own bf16 model vs the same reference: {rel(fla_bf16, want):.3e}; "
               f"ours vs fla's bf16 model: {rel(got, fla_bf16):.3e}")
+    print(f"\n[{case} {dtype}] relative logits error vs fla: {err:.3e} (tolerance {tolerance:.2e}); "
+          f"logit std {want.std():.3f}")
     assert np.isfinite(got).all()
-    assert err <= TOLERANCE[dtype], f"{case} {dtype}: relative error {err:.3e} > {TOLERANCE[dtype]}"
+    assert err <= tolerance, f"{case} {dtype}: relative error {err:.3e} > {tolerance:.2e}"
