@@ -44,6 +44,12 @@ def make_inputs(shape, seed=0):
     return q, k, v, beta, h0, do
 
 
+def jax_inputs(np_inputs) -> list:
+    """`make_inputs`'s arrays on the default device, q, k, v and dO in bf16 (beta and h0 float32)."""
+    q, k, v, beta, h0, do = (jnp.asarray(x) for x in np_inputs)
+    return [q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), beta, h0, do.astype(jnp.bfloat16)]
+
+
 def jax_fns(impl, config=None):
     """Jitted forward and forward+backward of `delta_rule`; with a `KernelConfig`, the Pallas kernels
     called directly with those launch choices."""
@@ -198,8 +204,7 @@ def kernel_calls(shape, transposed_inverse: bool = False):
     from pallas_kernels.delta_rule.wy import wy_apply, wy_inverse, wy_prepare
 
     np_in = make_inputs(shape)
-    q, k, v, beta, h0, do = (jnp.asarray(x) for x in np_in)
-    q, k, v, do = (x.astype(jnp.bfloat16) for x in (q, k, v, do))
+    q, k, v, beta, h0, do = jax_inputs(np_in)
     st = Static(scale=shape[-1] ** -0.5, qk_l2norm=False, has_segments=False,
                 interpret=jax.default_backend() != "gpu")
     tr = transposed_inverse
@@ -392,8 +397,7 @@ def main(argv=None):
                                 for row in breakdown(shape, with_fla=fla is not None, overrides=overrides)]
     for shape in ([] if args.skip_table else shapes):
         np_in = make_inputs(shape)
-        arrays = [jnp.asarray(x) for x in np_in]
-        arrays = [x.astype(jnp.bfloat16) if i in (0, 1, 2, 5) else x for i, x in enumerate(arrays)]
+        arrays = jax_inputs(np_in)
         row = dict(shape=shape)
         times, o_pl = bench_jax("pallas", arrays, args.reps, pallas_config(shape, overrides), back_to_back=True)
         row.update({f"pallas_{key}": ms for key, ms in times.items()})
@@ -417,11 +421,10 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     if not args.quick and not args.skip_memory:
         mem = dict(shape=MEMORY_SHAPE)
-        arrays = [jnp.asarray(x) for x in make_inputs(MEMORY_SHAPE)]
-        arrays = [x.astype(jnp.bfloat16) if i in (0, 1, 2, 5) else x for i, x in enumerate(arrays)]
-        mem["pallas_gib"] = jax_peak_gib("pallas", arrays)
+        np_in = make_inputs(MEMORY_SHAPE)
+        mem["pallas_gib"] = jax_peak_gib("pallas", jax_inputs(np_in))
         if fla is not None:
-            mem["fla_gib"] = bench_fla(fla, make_inputs(MEMORY_SHAPE), 1, peak=True)[2]
+            mem["fla_gib"] = bench_fla(fla, np_in, 1, peak=True)[2]
         results["memory"] = mem
     table = render(results)
     print(table)

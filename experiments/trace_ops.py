@@ -22,9 +22,8 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
-from experiments.bench_ops import jax_fns, make_inputs, pallas_config, parse_config, parse_shapes
+from experiments.bench_ops import jax_fns, jax_inputs, make_inputs, pallas_config, parse_config, parse_shapes
 
 CALL_PREFIX = "trace_ops:"
 HOST_SPANS = 12  # host-side spans listed per call
@@ -111,8 +110,7 @@ def main(argv=None) -> list[dict]:
     except argparse.ArgumentTypeError as err:
         ap.error(str(err))
     shape = args.shape[0]
-    arrays = [jnp.asarray(x) for x in make_inputs(shape)]
-    q, k, v, beta, h0, do = [x.astype(jnp.bfloat16) if i in (0, 1, 2, 5) else x for i, x in enumerate(arrays)]
+    q, k, v, beta, h0, do = jax_inputs(make_inputs(shape))
     fwd, fwd_bwd = jax_fns("pallas", pallas_config(shape, overrides))
     passes = {"forward": lambda: fwd(q, k, v, beta, h0), "forward+backward": lambda: fwd_bwd(q, k, v, beta, h0, do)}
     for fn in passes.values():     # compile and warm up outside the trace
