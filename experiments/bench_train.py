@@ -8,6 +8,9 @@ the training section of BENCHMARKS.md (and, with --scaling, the multi-GPU sectio
                                     # 1.3B with FSDP at 256 x 2048 tokens per step (gradient accumulation
                                     # where fewer devices hold fewer rows): tokens/s per device, efficiency
     python -m experiments.bench_train --quick --no-write     # tiny model on any backend, no fla (a smoke test)
+    python -m experiments.bench_train --sizes 340m --json a.json   # parts of one comparison run apart (on
+    python -m experiments.bench_train --sizes 1.3b --json b.json   # separate GPUs or allocations) ...
+    python -m experiments.bench_train --from-json a.json b.json    # ... and written as one table
 
 Each measurement runs in its own process, so peak memory is that model's alone. Protocol
 (../shared/BENCHMARKS.md): random tokens, warm-up steps first (compilation / autotuning excluded),
@@ -304,6 +307,9 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 x 64 tokens, 3 steps, no fla")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per measurement (default: %(default)s)")
+    ap.add_argument("--json", help="also write the raw results (rows, command, settings) to this JSON file")
+    ap.add_argument("--from-json", nargs="+", metavar="JSON", help="run nothing: write the tables of the results"
+                    " that earlier --json runs saved (rows of the same size and layout share a table)")
     ap.add_argument("--worker", choices=("ours", "fla"), help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     ap.add_argument("--mesh", default="1,1,1", help=argparse.SUPPRESS)
@@ -324,6 +330,11 @@ def main(argv=None) -> list[dict[str, Any]]:
         print("RESULT " + json.dumps(result))
         return [result]
 
+    if args.from_json:
+        try:
+            return write_saved(args.from_json, write=not args.no_write)
+        except (OSError, ValueError, KeyError) as err:
+            ap.error(f"--from-json: {err}")
     if args.quick:
         args.batch, args.seq, args.reps, args.warmup, args.no_fla = 2, 64, 3, 1, True
         sizes = {"tiny": QUICK_PRESET}
@@ -368,19 +379,59 @@ def main(argv=None) -> list[dict[str, Any]]:
                          "--rows", str(global_rows), "--grad-accum", str(accum), *common], args.timeout)
         result.update(size=size, devices_asked=n)
         scaled.append(result)
+    saved = dict(command=command.strip(), batch=args.batch, seq=args.seq, size=size, layout=args.layout,
+                 rows=rows, scaled=scaled)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(saved, f, indent=1)
+    _write_tables(_tables([saved]), write=not args.no_write)
+    return rows + scaled
+
+
+def _tables(saved: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(BENCHMARKS.md section, markdown) of saved runs: one training table of every compared row (one
+    batch shape), one scaling table per (size, layout)."""
     tables = []
-    if rows:
-        tables.append(("training", render(rows, batch=args.batch, seq=args.seq, command=command.strip())))
-    if scaled:
-        tables.append((f"scaling-{size}-{args.layout}",
-                       render_scaling(scaled, size=size, layout=args.layout, seq=args.seq, command=command.strip())))
+    compared = [s for s in saved if s["rows"]]
+    if compared:
+        if len({(s["batch"], s["seq"]) for s in compared}) > 1:
+            raise ValueError("the compared rows were measured at different batch shapes: "
+                             + ", ".join(f"{s['batch']} x {s['seq']}" for s in compared))
+        tables.append(("training", render([r for s in compared for r in s["rows"]], batch=compared[0]["batch"],
+                                          seq=compared[0]["seq"], command="; ".join(s["command"] for s in compared))))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in saved:
+        if s["scaled"]:
+            groups.setdefault((s["size"], s["layout"]), []).append(s)
+    for (size, layout), group in groups.items():
+        scaled = sorted((r for s in group for r in s["scaled"]), key=lambda r: r["devices_asked"])
+        tables.append((f"scaling-{size}-{layout}",
+                       render_scaling(scaled, size=size, layout=layout, seq=group[0]["seq"],
+                                      command="; ".join(s["command"] for s in group))))
+    return tables
+
+
+def _write_tables(tables: list[tuple[str, str]], write: bool) -> None:
     for name, table in tables:
         print(table)
-        if not args.no_write:
+        if write:
             from experiments.benchmarks_md import update_section
 
             print("wrote", update_section(name, table))
-    return rows + scaled
+
+
+def write_saved(paths: list[str], write: bool = True) -> list[dict[str, Any]]:
+    """Print (and write to BENCHMARKS.md) the tables of results saved by earlier `--json` runs."""
+    saved = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        missing = [k for k in ("command", "batch", "seq", "size", "layout", "rows", "scaled") if k not in data]
+        if missing:
+            raise ValueError(f"{path} is not a bench_train --json file (no {', '.join(missing)})")
+        saved.append(data)
+    _write_tables(_tables(saved), write)
+    return [r for s in saved for r in s["rows"] + s["scaled"]]
 
 
 if __name__ == "__main__":

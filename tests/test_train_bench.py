@@ -1,6 +1,7 @@
 """`python -m experiments.bench_train --quick --no-write`: the training benchmark end to end on a tiny
 model (no fla, any backend), BENCHMARKS.md left alone."""
 
+import json
 import os
 import re
 import subprocess
@@ -12,11 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_bench_train_prints_a_table_and_writes_nothing():
+def test_quick_bench_train_prints_a_table_and_writes_nothing(tmp_path):
     before = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-    out = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--quick", "--no-write"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--quick", "--no-write",
+                          "--json", str(tmp_path / "run.json")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     row = next(line for line in out.stdout.splitlines() if "| deltanet-jax |" in line)
@@ -27,6 +29,46 @@ def test_quick_bench_train_prints_a_table_and_writes_nothing():
     after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
     assert after == before
     assert "first step done (compilation included)" in out.stderr  # the worker's progress, echoed live
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["command"].endswith("--quick --no-write --json " + str(tmp_path / "run.json"))
+    assert [r["label"] for r in saved["rows"]] == ["deltanet-jax"] and saved["scaled"] == []
+
+
+def _saved(command, rows=(), scaled=(), size="340m", layout="data"):
+    return dict(command=command, batch=8, seq=2048, size=size, layout=layout, rows=list(rows), scaled=list(scaled))
+
+
+def _row(size, impl, tokens_per_s, **extra):
+    return dict(size=size, impl=impl, label="fla" if impl == "fla" else "deltanet-jax", devices=1, param_dtype="bfloat16",
+                step_ms=8 * 2048 / tokens_per_s * 1e3, tokens_per_s=tokens_per_s, peak_gib=10.0, mfu=None,
+                params=374_000_000, device="GPU", **extra)
+
+
+def test_saved_runs_merge_into_one_table(tmp_path, capsys):
+    """Parts of one comparison run apart (--json) are written as one table (--from-json): ratios against
+    the fla row of the same size, scaling efficiency against the 1-device row of another file."""
+    from experiments import bench_train
+
+    a, b, c, d = (tmp_path / f"{n}.json" for n in "abcd")
+    a.write_text(json.dumps(_saved("A", [_row("340m", "ours", 100_000.0), _row("340m", "fla", 80_000.0)])))
+    b.write_text(json.dumps(_saved("B", [_row("1.3b", "ours", 50_000.0), _row("1.3b", "fla", 40_000.0)])))
+    one = dict(_row("340m", "ours", 100_000.0), devices_asked=1, mesh=[1, 1, 1], rows=8, grad_accum=1)
+    two = dict(_row("340m", "ours", 190_000.0), devices_asked=2, devices=2, mesh=[2, 1, 1], rows=16, grad_accum=1)
+    c.write_text(json.dumps(_saved("C", scaled=[two])))
+    d.write_text(json.dumps(_saved("D", scaled=[one])))
+    rows = bench_train.write_saved([str(p) for p in (a, b, c, d)], write=False)
+    out = capsys.readouterr().out
+    assert len(rows) == 6 and "`A; B`" in out and "`C; D`" in out
+    assert out.count("| 1.25x |") == 2  # each size against its own fla row
+    scaling = out.split("## Scaling")[1]
+    assert scaling.index("| 1 |") < scaling.index("| 2 |") and "| 95% |" in scaling
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="not a bench_train --json file"):
+        bench_train.write_saved([str(tmp_path / "bad.json")], write=False)
+    e = tmp_path / "e.json"
+    e.write_text(json.dumps(dict(_saved("E", [_row("340m", "ours", 1.0)]), batch=4)))
+    with pytest.raises(ValueError, match="different batch shapes"):
+        bench_train.write_saved([str(a), str(e)], write=False)
 
 
 def test_a_worker_past_its_timeout_is_stopped_and_reported(monkeypatch):
