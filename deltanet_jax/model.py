@@ -355,22 +355,35 @@ class DeltaNetForCausalLM(nnx.Module):
             shape = "[B, T]" if ndim == 2 else "[B]"
             raise ValueError(f"{name} must be an integer array {shape}, got {x.dtype} {x.shape}")
 
+    def head_weight(self) -> jax.Array:
+        """The output projection in the compute dtype: [vocab, D] when tied to the embeddings, else [D, vocab]."""
+        if self.config.tie_word_embeddings:
+            return self.model.embeddings.embedding[...].astype(self.dtype)
+        return self.lm_head.kernel[...].astype(self.dtype)
+
+    def project(self, h: jax.Array, w: jax.Array) -> jax.Array:
+        """Hidden states h [..., D] and `head_weight()` w -> float32 logits [..., vocab] (accumulated in
+        float32). Pure in (h, w), so loss code can apply it chunk by chunk inside scans."""
+        spec = "...d,vd->...v" if self.config.tie_word_embeddings else "...d,dv->...v"
+        return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
+
     def logits(self, h: jax.Array) -> jax.Array:
         """Final hidden states [..., D] -> float32 logits [..., vocab] (matmul accumulated in float32)."""
-        if self.config.tie_word_embeddings:
-            w = self.model.embeddings.embedding[...].astype(self.dtype)  # [vocab, D]
-            return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=jnp.float32)
-        w = self.lm_head.kernel[...].astype(self.dtype)  # [D, vocab]
-        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+        return self.project(h, self.head_weight())
 
-    def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """input_ids [B, T] int, segment_ids [B, T] int (0 = padding) -> logits [B, T, vocab] float32."""
+    def hidden(self, input_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """input_ids [B, T] int, segment_ids [B, T] -> final normalised hidden states [B, T, D] (what
+        `logits` projects)."""
         self._check_ids(input_ids, "input_ids", 2)
         if segment_ids is not None:
             self._check_ids(segment_ids, "segment_ids", 2)
             if segment_ids.shape != input_ids.shape:
                 raise ValueError(f"segment_ids shape {segment_ids.shape} must equal input_ids shape {input_ids.shape}")
-        return self.logits(self.model(input_ids, segment_ids))
+        return self.model(input_ids, segment_ids)
+
+    def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """input_ids [B, T] int, segment_ids [B, T] int (0 = padding) -> logits [B, T, vocab] float32."""
+        return self.logits(self.hidden(input_ids, segment_ids))
 
     # ---- decoding -------------------------------------------------------------------------------
 

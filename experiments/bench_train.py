@@ -70,7 +70,7 @@ def scaling_mesh(layout: str, devices: int, tensor: int) -> tuple[int, int, int]
 
 def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_dtype: str,
                 mesh_shape: tuple[int, int, int], grad_accum: int, implementation: str | None,
-                remat: bool) -> dict[str, Any]:
+                remat: bool, loss_chunk: int = 0) -> dict[str, Any]:
     """Our train step over a (data, fsdp, tensor) mesh of the first devices: `rows` sequences per
     optimizer step, in `grad_accum` micro-batches."""
     import jax
@@ -91,7 +91,8 @@ def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_
     config = RunConfig.from_dict({
         "model": _model_section(preset),
         "train": {"batch_size": rows, "seq_len": seq, "steps": 1000, "warmup_steps": 10, "lr": 3e-4, "min_lr": 3e-5,
-                  "dtype": dtype, "implementation": implementation, "remat": remat, "grad_accum": grad_accum},
+                  "dtype": dtype, "implementation": implementation, "remat": remat, "grad_accum": grad_accum,
+                  "loss_chunk": loss_chunk},
     })
     mesh = build_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)), jax.devices()[:devices])
     setup = ShardedSetup(config, mesh)
@@ -101,7 +102,8 @@ def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_
         cast = lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
         state = jax.jit(lambda s: jax.tree.map(cast, s), out_shardings=setup.shardings, donate_argnums=0)(state)
     step_fn = make_train_step(setup.graphdef, setup.tx, grad_accum=grad_accum, state_sharding=setup.shardings,
-                              batch_sharding=setup.batch_sharding, compute_sharding=gathered(setup.shardings.params))
+                              batch_sharding=setup.batch_sharding, compute_sharding=gathered(setup.shardings.params),
+                              loss_chunk=config.train.loss_chunk)
     rng = np.random.default_rng(0)
     vocab = config.model.vocab_size
     batches = [global_batch({"inputs": rng.integers(0, vocab, (rows, seq), dtype=np.int32),
@@ -293,6 +295,8 @@ def main(argv=None) -> list[dict[str, Any]]:
                     help="our parameter / Adam-moment dtype (default: %(default)s, as fla's benchmark)")
     ap.add_argument("--implementation", default=None, help="our delta-rule kernel (default: pallas on GPU)")
     ap.add_argument("--remat", action="store_true", help="our model with per-block rematerialisation")
+    ap.add_argument("--loss-chunk", type=int, default=0, help="our loss computes logits this many positions at a"
+                    " time (train.loss_chunk; default: %(default)s = all at once)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla")
     ap.add_argument("--skip-compare", action="store_true", help="only the scaling runs, not ours against fla")
     ap.add_argument("--scaling", default="", help="also ours on these device counts, e.g. 1,2,4,8, laid out by"
@@ -316,15 +320,16 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--rows", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if min(args.batch, args.seq, args.reps, args.tensor) < 1 or args.warmup < 0 or (args.global_batch or 1) < 1:
-        ap.error("--batch, --seq, --reps, --tensor and --global-batch must be positive, --warmup >= 0")
+    if min(args.batch, args.seq, args.reps, args.tensor) < 1 or min(args.warmup, args.loss_chunk) < 0 or (
+            args.global_batch or 1) < 1:
+        ap.error("--batch, --seq, --reps, --tensor and --global-batch must be positive, --warmup and --loss-chunk >= 0")
 
     if args.worker:
         if args.worker == "ours":
             mesh = tuple(int(x) for x in args.mesh.split(","))
             rows = args.rows or args.batch
             result = worker_ours(args.preset, rows, args.seq, args.reps, args.warmup, args.param_dtype, mesh,
-                                 args.grad_accum, args.implementation, args.remat)
+                                 args.grad_accum, args.implementation, args.remat, args.loss_chunk)
         else:
             result = worker_fla(args.preset, args.batch, args.seq, args.reps, args.warmup)
         print("RESULT " + json.dumps(result))
@@ -362,6 +367,8 @@ def main(argv=None) -> list[dict[str, Any]]:
         common += ["--implementation", args.implementation]
     if args.remat:
         common.append("--remat")
+    if args.loss_chunk:
+        common += ["--loss-chunk", str(args.loss_chunk)]
     command = "python -m experiments.bench_train " + " ".join(argv if argv is not None else sys.argv[1:])
     rows, scaled = [], []
     for size, preset in ([] if args.skip_compare else sizes.items()):

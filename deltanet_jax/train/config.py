@@ -47,6 +47,8 @@ class TrainConfig:
     remat: bool = _doc("recompute each block's activations in the backward pass (saves memory)", False)
     grad_accum: int = _doc("split each batch into this many micro-batches and sum their gradients (same update, "
                            "less activation memory)", 1)
+    loss_chunk: int = _doc("positions per sequence whose logits the loss computes at once, recomputed in the "
+                           "backward pass (0 = all: a [batch, seq_len, vocab] float32 array)", 0)
     nan_policy: str = _doc("on a NaN/inf loss or gradient: stop (end the run with a message) or skip (leave the "
                            "parameters and optimizer state unchanged for that step and go on)", "stop")
 
@@ -58,7 +60,7 @@ class TrainConfig:
                               f"train.grad_accum={self.grad_accum}")
         if self.nan_policy not in ("stop", "skip"):
             raise ConfigError(f"train.nan_policy must be stop or skip, got {self.nan_policy!r}")
-        _at_least(self, "train", ("seed", "warmup_steps"), 0)
+        _at_least(self, "train", ("seed", "warmup_steps", "loss_chunk"), 0)
         _at_least(self, "train", ("weight_decay", "grad_clip", "min_lr"), 0.0)
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")

@@ -47,14 +47,48 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
     return nll.sum(), mask.sum().astype(jnp.float32)
 
 
-def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State, batch: Batch):
+def chunked_cross_entropy_sum(h: jax.Array, w: jax.Array, project: Callable[[jax.Array, jax.Array], jax.Array],
+                              targets: jax.Array, mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy_sum` of the logits `project(h, w)` without the [B, T, vocab] array: positions
+    go `chunk` at a time through a scan whose body is rematerialised, so forward and backward hold
+    one [B, chunk, vocab] block of float32 logits (and its gradient) at a time.
+
+    h [B, T, D] final hidden states; w the output projection; targets, mask [B, T]. T need not be a
+    multiple of `chunk` (the tail is padded with masked positions). Chunks split the sequence axis,
+    so a batch-sharded h stays sharded inside the scan.
+    """
+    b, t, d = h.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    split = lambda x: x.reshape((b, n, chunk) + x.shape[2:]).swapaxes(0, 1)  # noqa: E731  [n, B, chunk, ...]
+
+    @jax.checkpoint
+    def piece(w, hc, tc, mc):
+        return cross_entropy_sum(project(hc, w), tc, mc)
+
+    def body(carry, xs):
+        total, count = piece(w, *xs)
+        return (carry[0] + total, carry[1] + count), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (total, count), _ = jax.lax.scan(body, (zero, zero), (split(h), split(targets), split(mask)))
+    return total, count
+
+
+def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State, batch: Batch, loss_chunk: int = 0):
     model = nnx.merge(graphdef, params, other)
     segment_ids = batch.get("segment_ids")
-    logits = model(batch["inputs"], segment_ids=segment_ids)
     mask = batch["targets"] >= 0  # negative targets mark ignored positions
     if segment_ids is not None:
         mask &= segment_ids > 0
-    return cross_entropy_sum(logits, batch["targets"], mask)
+    if not loss_chunk or loss_chunk >= batch["inputs"].shape[1]:
+        return cross_entropy_sum(model(batch["inputs"], segment_ids=segment_ids), batch["targets"], mask)
+    h = model.hidden(batch["inputs"], segment_ids)
+    return chunked_cross_entropy_sum(h, model.head_weight(), model.project, batch["targets"], mask, loss_chunk)
 
 
 def _micro_batches(batch: Batch, grad_accum: int, batch_sharding: NamedSharding | None) -> Batch:
@@ -75,7 +109,7 @@ def _micro_batches(batch: Batch, grad_accum: int, batch_sharding: NamedSharding 
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, grad_accum: int = 1,
     skip_nonfinite: bool = False, state_sharding: Any = None, batch_sharding: NamedSharding | None = None,
-    compute_sharding: Any = None,
+    compute_sharding: Any = None, loss_chunk: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Jitted `(state, batch) -> (new_state, metrics)`; `state` is donated.
 
@@ -85,6 +119,7 @@ def make_train_step(
     parameters and optimizer state unchanged when the loss or a gradient is NaN/inf.
     `state_sharding` / `batch_sharding` (NamedSharding trees) pin the layouts for sharded training;
     `compute_sharding` (a tree like the params) is the layout parameters are gathered to for use (FSDP).
+    `loss_chunk` > 0 computes logits and loss that many positions at a time (`chunked_cross_entropy_sum`).
     metrics: loss (mean over counted positions), grad_norm (before clipping), finite (bool).
     """
 
@@ -92,11 +127,11 @@ def make_train_step(
         return params if compute_sharding is None else jax.lax.with_sharding_constraint(params, compute_sharding)
 
     def loss_fn(params, other, batch):
-        total, count = _loss_terms(graphdef, gather(params), other, batch)
+        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk)
         return total / jnp.maximum(count, 1.0)
 
     def sum_fn(params, other, batch):
-        total, count = _loss_terms(graphdef, gather(params), other, batch)
+        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk)
         return total, count
 
     def loss_and_grads(params, other, batch):
@@ -135,16 +170,16 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, state_sharding: Any = None,
-                   batch_sharding: NamedSharding | None = None, compute_sharding: Any = None
+                   batch_sharding: NamedSharding | None = None, compute_sharding: Any = None, loss_chunk: int = 0
                    ) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
-    """Jitted `(state, batch) -> (summed loss, counted positions)` without gradients (shardings as in
-    `make_train_step`)."""
+    """Jitted `(state, batch) -> (summed loss, counted positions)` without gradients (shardings and
+    `loss_chunk` as in `make_train_step`)."""
 
     def eval_step(state: TrainState, batch: Batch):
         params = state.params
         if compute_sharding is not None:
             params = jax.lax.with_sharding_constraint(params, compute_sharding)
-        return _loss_terms(graphdef, params, state.other, batch)
+        return _loss_terms(graphdef, params, state.other, batch, loss_chunk)
 
     if state_sharding is None:
         return jax.jit(eval_step)

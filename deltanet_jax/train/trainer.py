@@ -222,9 +222,9 @@ def train(
     skip = tc.nan_policy == "skip"
     train_step = make_train_step(setup.graphdef, setup.tx, grad_accum=tc.grad_accum, skip_nonfinite=skip,
                                  state_sharding=setup.shardings, batch_sharding=bsh,
-                                 compute_sharding=gathered(setup.shardings.params))
+                                 compute_sharding=gathered(setup.shardings.params), loss_chunk=tc.loss_chunk)
     eval_step = make_eval_step(setup.graphdef, state_sharding=setup.shardings, batch_sharding=bsh,
-                               compute_sharding=gathered(setup.shardings.params))
+                               compute_sharding=gathered(setup.shardings.params), loss_chunk=tc.loss_chunk)
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_per_token = train_flops_per_token(config.model, tc.seq_len)
     peak = peak_flops(device, dtype)
