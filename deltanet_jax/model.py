@@ -355,6 +355,13 @@ class DeltaNetForCausalLM(nnx.Module):
             shape = "[B, T]" if ndim == 2 else "[B]"
             raise ValueError(f"{name} must be an integer array {shape}, got {x.dtype} {x.shape}")
 
+    def _check_inputs(self, input_ids: jax.Array, segment_ids: jax.Array | None) -> None:
+        self._check_ids(input_ids, "input_ids", 2)
+        if segment_ids is not None:
+            self._check_ids(segment_ids, "segment_ids", 2)
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(f"segment_ids shape {segment_ids.shape} must equal input_ids shape {input_ids.shape}")
+
     def head_weight(self) -> jax.Array:
         """The output projection in the compute dtype: [vocab, D] when tied to the embeddings, else [D, vocab]."""
         if self.config.tie_word_embeddings:
@@ -374,11 +381,7 @@ class DeltaNetForCausalLM(nnx.Module):
     def hidden(self, input_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """input_ids [B, T] int, segment_ids [B, T] -> final normalised hidden states [B, T, D] (what
         `logits` projects)."""
-        self._check_ids(input_ids, "input_ids", 2)
-        if segment_ids is not None:
-            self._check_ids(segment_ids, "segment_ids", 2)
-            if segment_ids.shape != input_ids.shape:
-                raise ValueError(f"segment_ids shape {segment_ids.shape} must equal input_ids shape {input_ids.shape}")
+        self._check_inputs(input_ids, segment_ids)
         return self.model(input_ids, segment_ids)
 
     def __call__(self, input_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -401,11 +404,7 @@ class DeltaNetForCausalLM(nnx.Module):
         of global attention layers (default `max_position_embeddings`). `last_only` projects only
         the last position: logits [B, vocab] (what decoding needs, without a [B, T, vocab] array).
         """
-        self._check_ids(input_ids, "input_ids", 2)
-        if segment_ids is not None:
-            self._check_ids(segment_ids, "segment_ids", 2)
-            if segment_ids.shape != input_ids.shape:
-                raise ValueError(f"segment_ids shape {segment_ids.shape} must equal input_ids shape {input_ids.shape}")
+        self._check_inputs(input_ids, segment_ids)
         h = self.model.embeddings(input_ids)
         caches = []
         for layer in self.model.layers:

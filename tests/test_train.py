@@ -114,12 +114,23 @@ def test_train_step_ignores_negative_targets():
     np.testing.assert_allclose(float(total), float(total_full), rtol=1e-5)  # causal: the prefix alone
 
 
-def test_gradient_accumulation_gives_the_same_update():
-    # Plain SGD with lr 1: parameter changes are the gradients themselves (Adam's first step would turn
-    # near-zero gradients into +-lr steps and hide the comparison).
+def _sgd_state():
+    """(graphdef, tx, state) of the tiny model under plain SGD with lr 1: parameter changes are the
+    gradients themselves (Adam's first step would turn near-zero gradients into +-lr steps and hide
+    comparisons of updates)."""
     tx = optax.sgd(1.0)
     graphdef, state = init_train_state(
         DeltaNetForCausalLM(DeltaNetConfig(**TINY_MODEL), rngs=nnx.Rngs(0), implementation="recurrent"), tx)
+    return graphdef, tx, state
+
+
+def _assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_gives_the_same_update():
+    graphdef, tx, state = _sgd_state()
     rng = np.random.default_rng(2)
     window = rng.integers(0, 256, (4, 9)).astype(np.int32)
     # Ignored positions spread unevenly over the micro-batches: the mean must still be over all tokens.
@@ -129,8 +140,7 @@ def test_gradient_accumulation_gives_the_same_update():
     two, m2 = make_train_step(graphdef, tx, grad_accum=2)(jax.tree.map(jnp.copy, state), batch)
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    _assert_same_params(two, one)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -163,17 +173,14 @@ def test_chunked_cross_entropy_equals_the_whole_one(tied, t, chunk):
 
 
 def test_loss_chunk_gives_the_same_training_step():
-    tx = optax.sgd(1.0)
-    graphdef, state = init_train_state(
-        DeltaNetForCausalLM(DeltaNetConfig(**TINY_MODEL), rngs=nnx.Rngs(0), implementation="recurrent"), tx)
+    graphdef, tx, state = _sgd_state()
     rng = np.random.default_rng(4)
     window = rng.integers(0, 256, (2, 11)).astype(np.int32)
     batch = {"inputs": window[:, :-1], "targets": np.where(rng.random((2, 10)) < 0.2, -1, window[:, 1:]).astype(np.int32)}
     one, m1 = make_train_step(graphdef, tx)(jax.tree.map(jnp.copy, state), batch)
     two, m2 = make_train_step(graphdef, tx, loss_chunk=3)(jax.tree.map(jnp.copy, state), batch)
     np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(two.params), jax.tree.leaves(one.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    _assert_same_params(two, one)
     s1, c1 = make_eval_step(graphdef)(state, batch)
     s2, c2 = make_eval_step(graphdef, loss_chunk=4)(state, batch)
     assert float(c1) == float(c2)
