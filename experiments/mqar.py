@@ -204,12 +204,14 @@ def train_run(cell: Cell, lr: float, train, test_batches, log: Callable[[str], N
     tag = f"[{cell.model} d={cell.dim} lr={lr:g}]"
     step = 0
     result.status = "budget spent"
+    mark, mark_step = time.perf_counter(), 0  # the updates since the last evaluation, timed without it
     while step < s.max_steps:
         state, metrics = cell.train_step(state, next(data))
         step += 1
         cut = time.perf_counter() > deadline
         if step % s.eval_every == 0 or step == s.max_steps or cut:
             train_loss = float(metrics["loss"])
+            step_ms = (time.perf_counter() - mark) / (step - mark_step) * 1e3
             if not math.isfinite(train_loss):
                 result.status = "diverged"
                 log(f"{tag} step {step}: training loss {train_loss}, stopped")
@@ -217,7 +219,8 @@ def train_run(cell: Cell, lr: float, train, test_batches, log: Callable[[str], N
             acc, test_loss = _evaluate(cell, state, test_batches)
             result.steps, result.accuracy, result.test_loss = step, acc, test_loss
             log(f"{tag} step {step:5d}  train loss {train_loss:.3f}  test loss {test_loss:.3f}  "
-                f"acc {acc:.3f}  ({time.perf_counter() - t0:.1f} s)")
+                f"acc {acc:.3f}  ({time.perf_counter() - t0:.1f} s, {step_ms:.1f} ms per update)")
+            mark, mark_step = time.perf_counter(), step
             if acc >= s.target:
                 result.status = "reached target"
                 break

@@ -115,11 +115,13 @@ def _read(path):
         return list(csv.DictReader(f))
 
 
-def test_mqar_end_to_end_tiny(tmp_path):
+def test_mqar_end_to_end_tiny(tmp_path, capsys):
     from experiments import mqar
 
     runs = mqar.main(TINY + ["--models", "deltanet", "--lrs", "1e-2", "--out", str(tmp_path)])
     assert len(runs) == 1
+    evals = [line for line in capsys.readouterr().out.splitlines() if "test loss" in line]
+    assert evals and all(re.search(r"\(\d+\.\d s, \d+\.\d ms per update\)$", line) for line in evals), evals
     rows = _read(tmp_path / "mqar_runs.csv")
     best = _read(tmp_path / "mqar.csv")
     assert [(r["model"], r["dim"]) for r in best] == [("deltanet", "16")]
