@@ -57,7 +57,7 @@ def chunked_cross_entropy_sum(h: jax.Array, w: jax.Array, project: Callable[[jax
     multiple of `chunk` (the tail is padded with masked positions). Chunks split the sequence axis,
     so a batch-sharded h stays sharded inside the scan.
     """
-    b, t, d = h.shape
+    b, t = h.shape[:2]
     n = -(-t // chunk)
     pad = n * chunk - t
     if pad:
