@@ -204,7 +204,8 @@ def train_run(cell: Cell, lr: float, train, test_batches, log: Callable[[str], N
     tag = f"[{cell.model} d={cell.dim} lr={lr:g}]"
     step = 0
     result.status = "budget spent"
-    mark, mark_step = time.perf_counter(), 0  # updates since the last evaluation, timed without it (the first interval includes compilation)
+    # Updates since the last evaluation, timed without it (the first interval includes compilation).
+    mark, mark_step = time.perf_counter(), 0
     while step < s.max_steps:
         state, metrics = cell.train_step(state, next(data))
         step += 1
