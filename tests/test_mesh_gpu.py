@@ -1,5 +1,6 @@
 """Sharded training on GPUs (skipped without one): the Pallas delta rule inside shard_map trains a small
-model over every visible GPU (data parallel, and data x tensor with 4+) to the losses of one GPU."""
+model over every visible GPU (data parallel, and data x tensor with 4+) to the losses of one GPU; the
+fast-compiling init gives the default numbers."""
 
 import jax
 import numpy as np
@@ -9,7 +10,7 @@ from deltanet_jax.train.config import RunConfig
 from deltanet_jax.train.distributed import global_batch
 from deltanet_jax.train.mesh import build_mesh
 from deltanet_jax.train.sharding import gathered
-from deltanet_jax.train.step import make_train_step
+from deltanet_jax.train.step import init_train_state, make_train_step
 from deltanet_jax.train.trainer import ShardedSetup
 
 pytestmark = pytest.mark.gpu
@@ -44,3 +45,22 @@ def test_sharded_pallas_training_matches_one_gpu():
         layouts = [(2, 1, 1), (1, 2, 1)] + ([(2, 1, 2), (1, 2, 2)] if gpus >= 4 else [])
         for shape in layouts:
             np.testing.assert_allclose(_losses(config, shape, batches), ref, rtol=1e-4, err_msg=str(shape))
+
+
+def test_init_kernel_lowering_gives_the_default_numbers():
+    """`ShardedSetup.init` lowers threefry to the GPU kernel (fast compilation); the parameters
+    must equal, bit for bit, a jitted init with the default unrolled lowering, on one GPU and
+    FSDP-sharded over two when there are two."""
+    config = RunConfig.from_dict({"model": dict(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_heads=4),
+                                  "train": dict(batch_size=8, seq_len=64, steps=10, warmup_steps=2)})
+    shapes = [(1, 1, 1)] + ([(1, 2, 1)] if len(jax.devices("gpu")) >= 2 else [])
+    for shape in shapes:
+        n = int(np.prod(shape))
+        setup = ShardedSetup(config, build_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:n]))
+        assert not jax.config.jax_threefry_gpu_kernel_lowering
+        fast = setup.init()
+        assert not jax.config.jax_threefry_gpu_kernel_lowering  # restored after the init
+        ref = jax.jit(lambda key: init_train_state(setup._make(key), setup.tx)[1],
+                      out_shardings=setup.shardings)(jax.random.key(config.train.seed))
+        for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(ref)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(shape))
