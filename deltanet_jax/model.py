@@ -248,6 +248,20 @@ def _mixer(config: DeltaNetConfig, layer_idx: int, *, implementation: str | None
                     allow_neg_eigval=config.allow_neg_eigval, implementation=implementation, mesh=mesh, **kw)
 
 
+def _norm_mlp(norm: RMSNorm, mlp: GatedMLP, h: jax.Array) -> jax.Array:
+    """`mlp(norm(h))` keeping only its matmul outputs for the backward: the normalised h and the
+    SwiGLU product `silu(gate) * up` (the down projection's input, [B, T, intermediate]) are
+    recomputed, elementwise, where the backward needs them. Pure in the modules' arrays, so it
+    also runs where the modules were built outside the current trace."""
+    graphdef, state = nnx.split((norm, mlp))
+
+    def apply(state, h):
+        n, m = nnx.merge(graphdef, state)
+        return m(n(h))
+
+    return jax.checkpoint(apply, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)(state, h)
+
+
 class DeltaNetBlock(nnx.Module):
     """Pre-norm block: `h = x + attn(attn_norm(x)); y = h + mlp(mlp_norm(h))`. x [B, T, D].
 
@@ -269,7 +283,7 @@ class DeltaNetBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         h = x + self.attn(self.attn_norm(x), segment_ids=segment_ids)
-        return h + self.mlp(self.mlp_norm(h))
+        return h + _norm_mlp(self.mlp_norm, self.mlp, h)
 
     def init_cache(self, batch_size: int, max_length: int | None = None) -> LayerCache:
         if isinstance(self.attn, Attention):
@@ -368,11 +382,12 @@ class DeltaNetForCausalLM(nnx.Module):
             return self.model.embeddings.embedding[...].astype(self.dtype)
         return self.lm_head.kernel[...].astype(self.dtype)
 
-    def project(self, h: jax.Array, w: jax.Array) -> jax.Array:
-        """Hidden states h [..., D] and `head_weight()` w -> float32 logits [..., vocab] (accumulated in
-        float32). Pure in (h, w), so loss code can apply it chunk by chunk inside scans."""
+    def project(self, h: jax.Array, w: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        """Hidden states h [..., D] and `head_weight()` w -> logits [..., vocab] in `dtype` (float32 by
+        default; the matmul accumulates in float32). Pure in (h, w), so loss code can apply it chunk
+        by chunk inside scans, and differentiate it in the compute dtype."""
         spec = "...d,vd->...v" if self.config.tie_word_embeddings else "...d,dv->...v"
-        return jnp.einsum(spec, h, w, preferred_element_type=jnp.float32)
+        return jnp.einsum(spec, h, w, preferred_element_type=dtype)
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final hidden states [..., D] -> float32 logits [..., vocab] (matmul accumulated in float32)."""

@@ -7,6 +7,8 @@ is "norm" (replicated by the sharding rules).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,6 +19,19 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return x32 * rstd * weight.astype(jnp.float32)
+
+
+# Rematerialised (as the gated form below): the backward keeps the input and weight, not the
+# float32 copies and products of x, which would be several float32 [..., D] arrays per norm.
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _rms_norm_cast(x: jax.Array, weight: jax.Array, eps: float, out_dtype: jnp.dtype) -> jax.Array:
+    return rms_norm(x, weight, eps).astype(out_dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4))
+def _gated_rms_norm_cast(x: jax.Array, gate: jax.Array, weight: jax.Array, eps: float,
+                         out_dtype: jnp.dtype) -> jax.Array:
+    return (rms_norm(x, weight, eps) * jax.nn.silu(gate.astype(jnp.float32))).astype(out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -34,8 +49,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.num_features:
             raise ValueError(f"RMSNorm expects last axis {self.num_features}, got shape {x.shape}")
-        out_dtype = self.dtype or x.dtype
-        return rms_norm(x, self.weight[...], self.eps).astype(out_dtype)
+        return _rms_norm_cast(x, self.weight[...], self.eps, jnp.dtype(self.dtype or x.dtype))
 
 
 class GatedRMSNorm(nnx.Module):
@@ -54,6 +68,4 @@ class GatedRMSNorm(nnx.Module):
         if x.shape[-1] != self.num_features or gate.shape != x.shape:
             raise ValueError(f"GatedRMSNorm expects x and gate of one shape [..., {self.num_features}], "
                              f"got {x.shape} and {gate.shape}")
-        out_dtype = self.dtype or x.dtype
-        y = rms_norm(x, self.weight[...], self.eps) * jax.nn.silu(gate.astype(jnp.float32))
-        return y.astype(out_dtype)
+        return _gated_rms_norm_cast(x, gate, self.weight[...], self.eps, jnp.dtype(self.dtype or x.dtype))

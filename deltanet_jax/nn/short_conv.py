@@ -7,6 +7,8 @@ tap multiplies the current input. The decoding state holds the last W - 1 inputs
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -83,6 +85,20 @@ def causal_conv1d_step(x_t: jax.Array, weight: jax.Array, state: jax.Array) -> t
     return y, new_state
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _conv_activate(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | None,
+                   initial_state: jax.Array | None, activation: str | None) -> tuple[jax.Array, jax.Array]:
+    """`causal_conv1d` then the activation, cast back to x's dtype: (y [B, T, D], final_state).
+
+    Rematerialised: the backward keeps only x and the weight and recomputes the float32 taps and
+    the activation's intermediates (elementwise work), instead of holding several float32
+    [B, T, D] arrays per convolution until the backward.
+    """
+    y, final_state = causal_conv1d(x, weight, segment_ids=segment_ids, initial_state=initial_state)
+    act = _ACTIVATIONS[activation]
+    return (act(y) if act is not None else y).astype(x.dtype), final_state
+
+
 class ShortConvolution(nnx.Module):
     """Bias-free causal depthwise conv + optional SiLU. x [B, T, D] -> [B, T, D].
 
@@ -130,9 +146,7 @@ class ShortConvolution(nnx.Module):
                              f"{(x.shape[0], self.kernel_size - 1, self.hidden_size)}, got {initial_state.shape}")
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        y, final_state = causal_conv1d(x, self.weight[...][:, 0, :], segment_ids=segment_ids,
-                                       initial_state=initial_state)
-        return self._activate(y, x.dtype), final_state
+        return _conv_activate(x, self.weight[...][:, 0, :], segment_ids, initial_state, self.activation)
 
     def step(self, x_t: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One token: x_t [B, D], conv_state [B, W - 1, D] -> (y_t [B, D], new_state)."""
