@@ -172,6 +172,41 @@ def test_chunked_cross_entropy_equals_the_whole_one(tied, t, chunk):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_chunked_cross_entropy_gradient_matmuls_run_in_the_compute_dtype():
+    """With bf16 h and w, every matmul of the loss and its gradient takes bf16 operands (a float32
+    cotangent would turn the two gradient matmuls into float32 ones), and the gradients agree with
+    float32 autodiff of the whole loss within bf16 rounding (2e-2 relative to the largest entry)."""
+    from jax.extend.core import jaxprs_in_params
+
+    cfg = DeltaNetConfig(**TINY_MODEL)
+    model = DeltaNetForCausalLM(cfg, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(7)
+    h = jnp.asarray(rng.normal(size=(2, 16, 32)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 256, (2, 16)), jnp.int32)
+    mask = jnp.ones((2, 16), bool)
+    w = model.head_weight()
+
+    def fused(h, w):
+        return chunked_cross_entropy_sum(h, w, model.project, targets, mask, 8)[0]
+
+    args = (h.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    jaxpr = jax.make_jaxpr(jax.grad(fused, argnums=(0, 1)))(*args)
+
+    def dots(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jaxprs_in_params(eqn.params):
+                yield from dots(sub)
+
+    found = list(dots(jaxpr.jaxpr))
+    assert len(found) >= 3 and all(v.aval.dtype == jnp.bfloat16 for e in found for v in e.invars), found
+    got = jax.grad(fused, argnums=(0, 1))(*args)
+    want = jax.grad(lambda h, w: cross_entropy_sum(model.project(h, w), targets, mask)[0], argnums=(0, 1))(h, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=2e-2 * float(jnp.abs(b).max()))
+
+
 def test_loss_chunk_gives_the_same_training_step():
     graphdef, tx, state = _sgd_state()
     rng = np.random.default_rng(4)

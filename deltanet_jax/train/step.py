@@ -7,10 +7,12 @@ on every call.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -50,13 +52,24 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
 def chunked_cross_entropy_sum(h: jax.Array, w: jax.Array, project: Callable[[jax.Array, jax.Array], jax.Array],
                               targets: jax.Array, mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
     """`cross_entropy_sum` of the logits `project(h, w)` without the [B, T, vocab] array: positions
-    go `chunk` at a time through a scan whose body is rematerialised, so forward and backward hold
-    one [B, chunk, vocab] block of float32 logits (and its gradient) at a time.
+    go `chunk` at a time through a scan, so at most one [B, chunk, vocab] block of float32 logits
+    is alive at a time.
 
-    h [B, T, D] final hidden states; w the output projection; targets, mask [B, T]. T need not be a
-    multiple of `chunk` (the tail is padded with masked positions). Chunks split the sequence axis,
-    so a batch-sharded h stays sharded inside the scan.
+    Differentiated, the forward pass also forms the gradients: each chunk's float32 logits turn at
+    once into their gradient `softmax - onehot`, cast to h's dtype, and through `project`'s
+    transpose into the chunk's share of dh and dw, so the backward only scales them (no logits
+    kept, none recomputed: the matmul work of one forward and one backward).
+
+    h [B, T, D] final hidden states; w the output projection; targets, mask [B, T];
+    `project(h, w, dtype=float32)` pure in (h, w), logits in `dtype`. T need not be a multiple of
+    `chunk` (the tail is padded with masked positions).
+    Chunks split the sequence axis, so a batch-sharded h stays sharded inside the scan.
     """
+    return _chunked_ce(h, w, targets, mask, project, chunk)
+
+
+def _split_chunks(h, targets, mask, chunk):
+    """[B, T, ...] -> [n, B, chunk, ...] (T padded to n * chunk with masked positions)."""
     b, t = h.shape[:2]
     n = -(-t // chunk)
     pad = n * chunk - t
@@ -64,19 +77,58 @@ def chunked_cross_entropy_sum(h: jax.Array, w: jax.Array, project: Callable[[jax
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    split = lambda x: x.reshape((b, n, chunk) + x.shape[2:]).swapaxes(0, 1)  # noqa: E731  [n, B, chunk, ...]
+    split = lambda x: x.reshape((b, n, chunk) + x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    return split(h), split(targets), split(mask)
 
-    @jax.checkpoint
-    def piece(w, hc, tc, mc):
-        return cross_entropy_sum(project(hc, w), tc, mc)
+
+def _ce_scan(h, w, targets, mask, project, chunk, with_grads: bool):
+    """(total, count) and, `with_grads`, (dh, dw): the gradients of total."""
+    hs, ts, ms = _split_chunks(h, targets, mask, chunk)
+    zero = jnp.zeros((), jnp.float32)
 
     def body(carry, xs):
-        total, count = piece(w, *xs)
-        return (carry[0] + total, carry[1] + count), None
+        hc, tc, mc = xs
+        if not with_grads:
+            total, count = cross_entropy_sum(project(hc, w), tc, mc)
+            return (carry[0] + total, carry[1] + count), None
+        logits = project(hc, w).astype(jnp.float32)
+        total, count = cross_entropy_sum(logits, tc, mc)
+        dlogits = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32)
+        dlogits = jnp.where(mc[..., None], dlogits, 0.0).astype(hc.dtype)
+        # The transpose of a projection with logits in h's dtype: both gradient matmuls take
+        # compute-dtype operands (a float32 cotangent would make them float32 matmuls).
+        _, pullback = jax.vjp(functools.partial(project, dtype=hc.dtype), hc, w)
+        dh, dw = pullback(dlogits)
+        return (carry[0] + total, carry[1] + count, carry[2] + dw.astype(jnp.float32)), dh
 
-    zero = jnp.zeros((), jnp.float32)
-    (total, count), _ = jax.lax.scan(body, (zero, zero), (split(h), split(targets), split(mask)))
-    return total, count
+    if not with_grads:
+        (total, count), _ = jax.lax.scan(body, (zero, zero), (hs, ts, ms))
+        return (total, count), None
+    init = (zero, zero, jnp.zeros(w.shape, jnp.float32))
+    (total, count, dw), dhs = jax.lax.scan(body, init, (hs, ts, ms))
+    b, t = h.shape[:2]
+    dh = dhs.swapaxes(0, 1).reshape((b, -1) + h.shape[2:])[:, :t]
+    return (total, count), (dh, dw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_ce(h, w, targets, mask, project, chunk):
+    return _ce_scan(h, w, targets, mask, project, chunk, with_grads=False)[0]
+
+
+def _chunked_ce_fwd(h, w, targets, mask, project, chunk):
+    out, (dh, dw) = _ce_scan(h, w, targets, mask, project, chunk, with_grads=True)
+    return out, (dh, dw, jnp.zeros((0,), w.dtype), targets, mask)  # an empty array carries w's dtype
+
+
+def _chunked_ce_bwd(project, chunk, res, cotangents):
+    dh, dw, w_like, targets, mask = res
+    g = cotangents[0]  # of the summed loss; the count has no gradient
+    zeros = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  integer / bool inputs
+    return (g * dh).astype(dh.dtype), (g * dw).astype(w_like.dtype), zeros(targets), zeros(mask)
+
+
+_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
 def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State, batch: Batch, loss_chunk: int = 0):
@@ -85,10 +137,10 @@ def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State, bat
     mask = batch["targets"] >= 0  # negative targets mark ignored positions
     if segment_ids is not None:
         mask &= segment_ids > 0
-    if not loss_chunk or loss_chunk >= batch["inputs"].shape[1]:
-        return cross_entropy_sum(model(batch["inputs"], segment_ids=segment_ids), batch["targets"], mask)
+    t = batch["inputs"].shape[1]
+    chunk = min(loss_chunk, t) if loss_chunk else t  # 0: one chunk, still with the gradients formed early
     h = model.hidden(batch["inputs"], segment_ids)
-    return chunked_cross_entropy_sum(h, model.head_weight(), model.project, batch["targets"], mask, loss_chunk)
+    return chunked_cross_entropy_sum(h, model.head_weight(), model.project, batch["targets"], mask, chunk)
 
 
 def _micro_batches(batch: Batch, grad_accum: int, batch_sharding: NamedSharding | None) -> Batch:
