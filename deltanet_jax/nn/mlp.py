@@ -19,12 +19,6 @@ def mlp_intermediate_size(hidden_size: int, hidden_ratio: int | float | None = 4
     return 256 * ((size + 255) // 256)
 
 
-@jax.checkpoint
-def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) * up, rematerialised: the backward keeps gate and up, not silu's intermediates."""
-    return jax.nn.silu(gate) * up
-
-
 class GatedMLP(nnx.Module):
     """`down_proj(silu(gate_proj(x)) * up_proj(x))`, all bias-free. x [..., D] -> [..., D]."""
 
@@ -40,4 +34,4 @@ class GatedMLP(nnx.Module):
         self.down_proj = nnx.Linear(self.intermediate_size, hidden_size, **kw, **linear_axes("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(_swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
