@@ -49,14 +49,14 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
     return nll.sum(), mask.sum().astype(jnp.float32)
 
 
-def chunked_cross_entropy_sum(h: jax.Array, w: jax.Array, project: Callable[[jax.Array, jax.Array], jax.Array],
+def chunked_cross_entropy_sum(h: jax.Array, w: jax.Array, project: Callable[..., jax.Array],
                               targets: jax.Array, mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
     """`cross_entropy_sum` of the logits `project(h, w)` without the [B, T, vocab] array: positions
     go `chunk` at a time through a scan, so at most one [B, chunk, vocab] block of float32 logits
     is alive at a time.
 
     Differentiated, the forward pass also forms the gradients: each chunk's float32 logits turn at
-    once into their gradient `softmax - onehot`, cast to h's dtype, and through `project`'s
+    once into their gradient (`softmax - onehot` at counted positions), cast to h's dtype, and through `project`'s
     transpose into the chunk's share of dh and dw, so the backward only scales them (no logits
     kept, none recomputed: the matmul work of one forward and one backward).
 
@@ -92,9 +92,8 @@ def _ce_scan(h, w, targets, mask, project, chunk, with_grads: bool):
             total, count = cross_entropy_sum(project(hc, w), tc, mc)
             return (carry[0] + total, carry[1] + count), None
         logits = project(hc, w).astype(jnp.float32)
-        total, count = cross_entropy_sum(logits, tc, mc)
-        dlogits = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32)
-        dlogits = jnp.where(mc[..., None], dlogits, 0.0).astype(hc.dtype)
+        (total, count), ce_pullback = jax.vjp(lambda x: cross_entropy_sum(x, tc, mc), logits)
+        dlogits = ce_pullback((jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)))[0].astype(hc.dtype)
         # The transpose of a projection with logits in h's dtype: both gradient matmuls take
         # compute-dtype operands (a float32 cotangent would make them float32 matmuls).
         _, pullback = jax.vjp(functools.partial(project, dtype=hc.dtype), hc, w)
