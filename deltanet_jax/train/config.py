@@ -47,8 +47,8 @@ class TrainConfig:
     remat: bool = _doc("recompute each block's activations in the backward pass (saves memory)", False)
     grad_accum: int = _doc("split each batch into this many micro-batches and sum their gradients (same update, "
                            "less activation memory)", 1)
-    loss_chunk: int = _doc("positions per sequence whose logits the loss computes at once, recomputed in the "
-                           "backward pass (0 = all: a [batch, seq_len, vocab] float32 array)", 0)
+    loss_chunk: int = _doc("positions per sequence whose logits (and their gradients, formed in the forward "
+                           "pass) the loss computes at once (0 = all: a [batch, seq_len, vocab] float32 array)", 0)
     nan_policy: str = _doc("on a NaN/inf loss or gradient: stop (end the run with a message) or skip (leave the "
                            "parameters and optimizer state unchanged for that step and go on)", "stop")
 
