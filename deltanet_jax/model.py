@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from deltanet_jax.nn import (Attention, AttentionCache, DeltaNet, DeltaNetCache, GatedMLP, LinearAttention, RMSNorm,
                              mlp_intermediate_size)
 from deltanet_jax.nn.axes import linear_axes
+from deltanet_jax.nn.embedding import Embedding
 from deltanet_jax.nn.deltanet import BATCH_MESH_AXES, QK_ACTIVATIONS, QK_NORMS
 
 # Keys an fla / Hugging Face config.json may carry that do not affect the model's math.
@@ -312,9 +313,9 @@ class DeltaNetModel(nnx.Module):
                  param_dtype: jnp.dtype, rngs: nnx.Rngs, mesh: Mesh | None = None):
         self.remat = remat
         self.mesh = mesh
-        self.embeddings = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                    embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs,
-                                    embedding_metadata={"logical_axes": ("vocab", "embed")})
+        self.embeddings = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                   embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs,
+                                   embedding_metadata={"logical_axes": ("vocab", "embed")})
         self.layers = nnx.List([
             DeltaNetBlock(config, i, implementation=implementation, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                           mesh=mesh)

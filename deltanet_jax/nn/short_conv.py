@@ -14,8 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deltanet_jax.ops.segments import segment_index
+from pallas_kernels.short_conv import short_conv
 
 _ACTIVATIONS = {None: None, "silu": jax.nn.silu, "swish": jax.nn.silu}
+IMPLEMENTATIONS = ("pallas", "xla")
 
 
 def _final_window(xe: jax.Array, keep: jax.Array, n: int) -> jax.Array:
@@ -66,6 +68,16 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, *, segment_ids: jax.Array | N
     return y, final_state
 
 
+def conv_final_state(x: jax.Array, kernel_size: int, segment_ids: jax.Array | None = None) -> jax.Array:
+    """`causal_conv1d`'s final state without an initial state: x [B, T, D] -> [B, W - 1, D]."""
+    b, _, d = x.shape
+    if segment_ids is None or kernel_size == 1:
+        xpad = jnp.concatenate([jnp.zeros((b, kernel_size - 1, d), x.dtype), x], axis=1)
+        return xpad[:, xpad.shape[1] - (kernel_size - 1):, :]
+    seg, valid = segment_index(segment_ids)
+    return _final_window(x, valid & (seg == seg[:, -1:]), kernel_size - 1)
+
+
 def causal_conv1d_step(x_t: jax.Array, weight: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One decoding step. x_t [B, D]; weight [D, W]; state [B, W - 1, D].
 
@@ -83,6 +95,22 @@ def causal_conv1d_step(x_t: jax.Array, weight: jax.Array, state: jax.Array) -> t
         y = y + state[:, j, :].astype(jnp.float32) * w32[:, j]
     new_state = jnp.concatenate([state, x_t[:, None, :]], axis=1)[:, 1:, :]  # [B, W - 1, D], also for W = 1
     return y, new_state
+
+
+def conv_activate_kernel(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | None,
+                         activation: str | None) -> tuple[jax.Array, jax.Array]:
+    """`_conv_activate` without an initial state through the Pallas kernels (interpreted off GPU):
+    x [B, T, D] with D % 16 == 0, weight [D, W] -> (y [B, T, D] in x's dtype, final_state [B, W - 1, D]).
+
+    The kernels' backward keeps only x and recomputes the convolution and the activation.
+    """
+    codes = None
+    if segment_ids is not None:
+        seg, valid = segment_index(segment_ids)
+        codes = jnp.where(valid, seg, -1)
+    kernel_act = None if _ACTIVATIONS[activation] is None else "silu"
+    y = short_conv(x, weight.T, codes, kernel_act, jax.default_backend() != "gpu")
+    return y, conv_final_state(x, weight.shape[1], segment_ids)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4,))
@@ -103,20 +131,28 @@ class ShortConvolution(nnx.Module):
     """Bias-free causal depthwise conv + optional SiLU. x [B, T, D] -> [B, T, D].
 
     `channel_axis` is the logical axis name of D (the weight's first axis) for sharding.
+    `implementation`: "xla" (default) or "pallas" (`pallas_kernels.short_conv`, interpreted off GPU;
+    sequences without an initial state and D % 16 == 0, other calls run the XLA path). The kernels
+    are opt-in: on an H200 at 1.3B's shape ([8, 2048, 2048] bf16) they took 0.43 ms for forward and
+    backward against the XLA path's 0.33 ms.
     """
 
     def __init__(self, hidden_size: int, kernel_size: int = 4, *, activation: str | None = "silu",
                  dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
                  kernel_init: nnx.Initializer = nnx.initializers.normal(0.02), channel_axis: str | None = "heads",
-                 rngs: nnx.Rngs):
+                 implementation: str = "xla", rngs: nnx.Rngs):
         if hidden_size <= 0 or kernel_size <= 0:
             raise ValueError(f"ShortConvolution needs positive hidden_size and kernel_size, "
                              f"got {hidden_size} and {kernel_size}")
         if activation not in _ACTIVATIONS:
             raise ValueError(f"ShortConvolution activation must be one of {sorted(map(str, _ACTIVATIONS))}, "
                              f"got {activation!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"ShortConvolution implementation must be one of {IMPLEMENTATIONS}, "
+                             f"got {implementation!r}")
         self.hidden_size = hidden_size
         self.kernel_size = kernel_size
+        self.implementation = implementation
         self.activation = activation
         self.dtype = dtype
         self.weight = nnx.Param(kernel_init(rngs.params(), (hidden_size, 1, kernel_size), param_dtype),
@@ -146,7 +182,10 @@ class ShortConvolution(nnx.Module):
                              f"{(x.shape[0], self.kernel_size - 1, self.hidden_size)}, got {initial_state.shape}")
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        return _conv_activate(x, self.weight[...][:, 0, :], segment_ids, initial_state, self.activation)
+        weight = self.weight[...][:, 0, :]
+        if self.implementation == "pallas" and initial_state is None and self.hidden_size % 16 == 0:
+            return conv_activate_kernel(x, weight, segment_ids, self.activation)
+        return _conv_activate(x, weight, segment_ids, initial_state, self.activation)
 
     def step(self, x_t: jax.Array, conv_state: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One token: x_t [B, D], conv_state [B, W - 1, D] -> (y_t [B, D], new_state)."""
