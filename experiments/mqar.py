@@ -16,6 +16,8 @@ the target skips its remaining learning rates (best accuracy cannot improve much
 run). The sweep goes one learning rate at a time over all cells, so a `--time-limit` cut leaves
 every cell with a result. Writes to --out: `mqar_runs.csv` (every run), `mqar.csv` (best per cell),
 `mqar.png` (best accuracy against model dimension per model) and `mqar_setting.json`.
+`--train-mix` trains on a mixture of easier tasks padded to the sequence length, as Zoology does
+(the default trains on the test task alone).
 
 `--quick` is a CPU-sized version, stated in the output too: 64-token sequences with 8 pairs over 64
 tokens, dimensions 16 and 32, one learning rate, 300 updates, and short convolutions on DeltaNet and
@@ -64,6 +66,16 @@ class Setting:
     time_limit: float = 540.0  # seconds for the whole grid: a run going past it stops, later ones do not start
     seed: int = 0
     implementation: str | None = None  # delta-rule kernel (None: pallas on GPU, chunked elsewhere)
+    # Training pool as Zoology trains: (seq_len, num_kv_pairs, share) tasks, shorter ones padded at the
+    # end to seq_len; () trains on the test task alone. Test examples are always (seq_len, num_kv_pairs).
+    train_mix: tuple[tuple[int, int, float], ...] = ()
+
+    def mix_text(self) -> str:
+        if not self.train_mix:
+            return f"training examples: the test task ({self.seq_len} tokens, {self.num_kv_pairs} pairs)"
+        total = sum(w for _, _, w in self.train_mix)
+        parts = ", ".join(f"{w / total:.0%} {n} pairs in {length} tokens" for length, n, w in self.train_mix)
+        return f"training examples: a mix of {parts} (padded to {self.seq_len})"
 
     def budget_text(self) -> str:
         epochs = self.max_steps * self.batch_size / self.train_examples
@@ -168,6 +180,31 @@ class Cell:
         return self._init_train_state(self._build(self.s.seed), self.tx_for(lr))[1]
 
 
+def training_pool(s: Setting, task) -> tuple[Any, Any]:
+    """(inputs, targets) int32 [train_examples, seq_len]: the test task's examples, or with
+    `s.train_mix` each listed task's share of them, padded at the end with token 0 / ignored targets."""
+    import numpy as np
+
+    from deltanet_jax.data.synthetic import IGNORE_INDEX, MQARConfig, multiquery_ar
+
+    if not s.train_mix:
+        return multiquery_ar(s.train_examples, task, seed=s.seed)
+    total = sum(w for _, _, w in s.train_mix)
+    counts = [int(s.train_examples * w / total) for _, _, w in s.train_mix]
+    counts[0] += s.train_examples - sum(counts)
+    inputs = np.zeros((s.train_examples, s.seq_len), np.int32)
+    targets = np.full((s.train_examples, s.seq_len), IGNORE_INDEX, np.int32)
+    row = 0
+    for i, ((length, pairs, _), n) in enumerate(zip(s.train_mix, counts)):
+        if n == 0:
+            continue
+        config = MQARConfig(vocab_size=s.vocab_size, seq_len=length, num_kv_pairs=pairs, power_a=s.power_a)
+        x, y = multiquery_ar(n, config, seed=s.seed + 101 * i)
+        inputs[row:row + n, :length], targets[row:row + n, :length] = x, y
+        row += n
+    return inputs, targets
+
+
 def _batches(arrays: tuple[Any, Any], batch_size: int, seed: int):
     """Endless shuffled batches {inputs, targets} over a fixed pool (a new permutation per epoch)."""
     import numpy as np
@@ -247,10 +284,11 @@ def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
     log(f"{s.task_text()}")
+    log(f"{s.mix_text()}")
     log(f"{s.budget_text()}")
     log(f"device: {device.platform} ({device.device_kind})")
     t_start = time.perf_counter()
-    train = multiquery_ar(s.train_examples, task, seed=s.seed)
+    train = training_pool(s, task)
     test_inputs, test_targets = multiquery_ar(s.test_examples, task, seed=s.seed + 10_000)
     test_batches = [{"inputs": test_inputs[i:i + s.batch_size], "targets": test_targets[i:i + s.batch_size]}
                     for i in range(0, s.test_examples - s.batch_size + 1, s.batch_size)]
@@ -336,7 +374,8 @@ def write_outputs(out_dir: Path, s: Setting, runs: list[RunResult], best: list[R
                   device: str) -> None:
     _write_csv(out_dir / "mqar_runs.csv", runs)
     _write_csv(out_dir / "mqar.csv", best)
-    setting = dataclasses.asdict(s) | {"task": s.task_text(), "budget": s.budget_text(), "device": device,
+    setting = dataclasses.asdict(s) | {"task": s.task_text(), "training": s.mix_text(), "budget": s.budget_text(),
+                                       "device": device,
                                        "total_seconds": round(seconds, 1)}
     (out_dir / "mqar_setting.json").write_text(json.dumps(setting, indent=2) + "\n")
     plot(out_dir / "mqar.png", s, best)
@@ -402,6 +441,21 @@ def _float_list(text: str) -> tuple[float, ...]:
     return values
 
 
+def _mix(text: str) -> tuple[tuple[int, int, float], ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        parts = [x.split(":") for x in text.split(",") if x.strip()]
+        mix = tuple((int(a), int(b), float(c)) for a, b, c in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated seq_len:pairs:share triples (e.g. 64:4:0.5,512:64:0.5) or none, got {text!r}"
+        ) from None
+    if not mix or any(w <= 0 for _, _, w in mix):
+        raise argparse.ArgumentTypeError(f"every share must be positive, got {text!r}")
+    return mix
+
+
 def _models(text: str) -> tuple[str, ...]:
     values = tuple(x.strip() for x in text.split(",") if x.strip())
     bad = [v for v in values if v not in MODELS]
@@ -425,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("eval-every", int), ("seed", int), ("target", float), ("time-limit", float),
                        ("power-a", float), ("weight-decay", float)):
         p.add_argument(f"--{name}", type=kind, help=f"default {getattr(defaults, name.replace('-', '_'))}")
+    p.add_argument("--train-mix", type=_mix,
+                   help="training tasks as seq_len:pairs:share triples, e.g. 64:4:0.4,512:64:0.6 (shorter ones "
+                        "padded to --seq-len), or none for the test task alone (default: "
+                        + (",".join(f"{a}:{b}:{c:g}" for a, b, c in defaults.train_mix) or "none") + ")")
     p.add_argument("--short-conv", action="store_const", const=True,
                    help="give DeltaNet and linear attention their short convolutions (the paper's setting has none)")
     p.add_argument("--implementation", choices=("chunked", "recurrent", "pallas"),
@@ -452,6 +510,10 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
     from deltanet_jax.data.synthetic import MQARConfig
 
     MQARConfig(vocab_size=s.vocab_size, seq_len=s.seq_len, num_kv_pairs=s.num_kv_pairs, power_a=s.power_a)
+    for length, pairs, _ in s.train_mix:
+        if length > s.seq_len:
+            raise ValueError(f"train-mix sequence length {length} is longer than seq-len {s.seq_len}")
+        MQARConfig(vocab_size=s.vocab_size, seq_len=length, num_kv_pairs=pairs, power_a=s.power_a)
     for m in s.models:
         for d in s.dims:
             model_config(m, d, s)
