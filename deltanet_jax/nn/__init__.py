@@ -1,5 +1,5 @@
-"""Flax NNX layers: the token embedding, RMS norms, causal short convolution, the DeltaNet and linear-attention mixers,
-softmax attention (global / sliding) and the SwiGLU MLP."""
+"""Flax NNX layers: the token embedding, RMS norms, causal short convolution, the DeltaNet and
+linear-attention mixers, softmax attention (global / sliding) and the SwiGLU MLP."""
 
 from deltanet_jax.nn.attention import Attention, AttentionCache
 from deltanet_jax.nn.deltanet import DeltaNet, DeltaNetCache
@@ -11,8 +11,8 @@ from deltanet_jax.nn.short_conv import ShortConvolution, causal_conv1d, causal_c
 from deltanet_jax.ops.segments import segment_index
 
 __all__ = [
-    "Attention", "AttentionCache", "DeltaNet", "DeltaNetCache", "Embedding", "GatedMLP", "GatedRMSNorm", "LinearAttention",
-    "RMSNorm", "ShortConvolution",
+    "Attention", "AttentionCache", "DeltaNet", "DeltaNetCache", "Embedding", "GatedMLP", "GatedRMSNorm",
+    "LinearAttention", "RMSNorm", "ShortConvolution",
     "causal_conv1d", "causal_conv1d_step", "embed_lookup", "mlp_intermediate_size", "rms_norm",
     "segment_index",
 ]
