@@ -70,6 +70,14 @@ class Setting:
     # end to seq_len; () trains on the test task alone. Test examples are always (seq_len, num_kv_pairs).
     train_mix: tuple[tuple[int, int, float], ...] = ()
 
+    def task(self, seq_len: int | None = None, num_kv_pairs: int | None = None):
+        """The MQARConfig of this setting's test task, or of a (seq_len, num_kv_pairs) variant of it."""
+        from deltanet_jax.data.synthetic import MQARConfig
+
+        return MQARConfig(vocab_size=self.vocab_size, seq_len=self.seq_len if seq_len is None else seq_len,
+                          num_kv_pairs=self.num_kv_pairs if num_kv_pairs is None else num_kv_pairs,
+                          power_a=self.power_a)
+
     def mix_text(self) -> str:
         if not self.train_mix:
             return f"training examples: the test task ({self.seq_len} tokens, {self.num_kv_pairs} pairs)"
@@ -180,15 +188,15 @@ class Cell:
         return self._init_train_state(self._build(self.s.seed), self.tx_for(lr))[1]
 
 
-def training_pool(s: Setting, task) -> tuple[Any, Any]:
+def training_pool(s: Setting) -> tuple[Any, Any]:
     """(inputs, targets) int32 [train_examples, seq_len]: the test task's examples, or with
     `s.train_mix` each listed task's share of them, padded at the end with token 0 / ignored targets."""
     import numpy as np
 
-    from deltanet_jax.data.synthetic import IGNORE_INDEX, MQARConfig, multiquery_ar
+    from deltanet_jax.data.synthetic import IGNORE_INDEX, multiquery_ar
 
     if not s.train_mix:
-        return multiquery_ar(s.train_examples, task, seed=s.seed)
+        return multiquery_ar(s.train_examples, s.task(), seed=s.seed)
     total = sum(w for _, _, w in s.train_mix)
     counts = [int(s.train_examples * w / total) for _, _, w in s.train_mix]
     counts[0] += s.train_examples - sum(counts)
@@ -198,8 +206,7 @@ def training_pool(s: Setting, task) -> tuple[Any, Any]:
     for i, ((length, pairs, _), n) in enumerate(zip(s.train_mix, counts)):
         if n == 0:
             continue
-        config = MQARConfig(vocab_size=s.vocab_size, seq_len=length, num_kv_pairs=pairs, power_a=s.power_a)
-        x, y = multiquery_ar(n, config, seed=s.seed + 101 * i)
+        x, y = multiquery_ar(n, s.task(length, pairs), seed=s.seed + 101 * i)
         inputs[row:row + n, :length], targets[row:row + n, :length] = x, y
         row += n
     return inputs, targets
@@ -274,9 +281,9 @@ def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print) -> l
     """Train the whole grid; write the CSVs, the plot and the setting; return every run."""
     import jax
 
-    from deltanet_jax.data.synthetic import MQARConfig, multiquery_ar
+    from deltanet_jax.data.synthetic import multiquery_ar
 
-    task = MQARConfig(vocab_size=s.vocab_size, seq_len=s.seq_len, num_kv_pairs=s.num_kv_pairs, power_a=s.power_a)
+    task = s.task()
     for m in s.models:
         model_config(m, s.dims[0], s)  # refuse bad models / dims before any work
     for d in s.dims:
@@ -288,7 +295,7 @@ def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print) -> l
     log(f"{s.budget_text()}")
     log(f"device: {device.platform} ({device.device_kind})")
     t_start = time.perf_counter()
-    train = training_pool(s, task)
+    train = training_pool(s)
     test_inputs, test_targets = multiquery_ar(s.test_examples, task, seed=s.seed + 10_000)
     test_batches = [{"inputs": test_inputs[i:i + s.batch_size], "targets": test_targets[i:i + s.batch_size]}
                     for i in range(0, s.test_examples - s.batch_size + 1, s.batch_size)]
@@ -507,13 +514,11 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
         raise ValueError(f"train-examples and test-examples must be at least batch-size ({s.batch_size})")
     if not 0 < s.target <= 1:
         raise ValueError(f"target must be in (0, 1], got {s.target}")
-    from deltanet_jax.data.synthetic import MQARConfig
-
-    MQARConfig(vocab_size=s.vocab_size, seq_len=s.seq_len, num_kv_pairs=s.num_kv_pairs, power_a=s.power_a)
+    s.task()
     for length, pairs, _ in s.train_mix:
         if length > s.seq_len:
             raise ValueError(f"train-mix sequence length {length} is longer than seq-len {s.seq_len}")
-        MQARConfig(vocab_size=s.vocab_size, seq_len=length, num_kv_pairs=pairs, power_a=s.power_a)
+        s.task(length, pairs)
     for m in s.models:
         for d in s.dims:
             model_config(m, d, s)

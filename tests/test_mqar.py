@@ -205,7 +205,7 @@ def test_training_pool_mixes_tasks_padded_to_the_sequence_length():
     s = mqar.Setting(vocab_size=64, seq_len=48, num_kv_pairs=6, train_examples=100,
                      train_mix=((16, 2, 1.0), (48, 6, 3.0)))
     task = MQARConfig(vocab_size=64, seq_len=48, num_kv_pairs=6)
-    x, y = mqar.training_pool(s, task)
+    x, y = mqar.training_pool(s)
     assert x.shape == y.shape == (100, 48) and x.dtype == y.dtype == np.int32
     labels = (y != IGNORE_INDEX).sum(axis=1)
     assert (labels[:25] == 2).all() and (labels[25:] == 6).all()
@@ -213,7 +213,7 @@ def test_training_pool_mixes_tasks_padded_to_the_sequence_length():
     assert (x[:25, 16:] == 0).all() and (y[:25, 16:] == IGNORE_INDEX).all()
     assert x[:25, :4].min() >= 1 and (x[:25, 1:4:2] >= 32).all()
     # without a mix the pool is the test task itself
-    plain = mqar.training_pool(mqar.Setting(vocab_size=64, seq_len=48, num_kv_pairs=6, train_examples=10), task)
+    plain = mqar.training_pool(mqar.Setting(vocab_size=64, seq_len=48, num_kv_pairs=6, train_examples=10))
     np.testing.assert_array_equal(plain[0], multiquery_ar(10, task, seed=0)[0])
     assert "25% 2 pairs in 16 tokens, 75% 6 pairs in 48 tokens" in s.mix_text()
 
