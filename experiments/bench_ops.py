@@ -178,7 +178,6 @@ SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
     "wy": ((0,), (1, 2, 4), (1, 2)),
     "wy_apply": ((0,), (1, 2, 4), (1, 2)),
     "wy_inverse": ((0,), (1, 2, 4, 8), (1, 2)),
-    "wy_apply_wu": ((0,), (1, 2, 4), (1, 2)),
     "fwd": ((32, 64), (4, 8), (1, 2, 3)),
     "fwd_from_t": ((32, 64), (4, 8), (1, 2, 3)),
     "states": ((32, 64), (4, 8), (1, 2, 3)),
@@ -189,13 +188,13 @@ SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
 
 
 KERNEL_LABELS = {  # kernel -> its name in the breakdown
-    "wy": "wy_prepare (+T)", "wy_inverse": "wy_inverse (T, P)", "wy_apply_wu": "wy_apply (W, U)",
+    "wy": "wy_prepare (+T)", "wy_inverse": "wy_inverse (T, P)",
     "fwd": "chunk_forward", "fwd_from_t": "chunk_forward_from_t", "wy_apply": "wy_apply",
     "states": "chunk_states", "state_grads": "chunk_state_grads", "dqkw": "chunk_dqkw", "wy_bwd": "wy_backward",
 }
 
 
-def kernel_calls(shape, transposed_inverse: bool = False):
+def kernel_calls(shape):
     """Every Pallas kernel at `shape` as `name -> fn(launch, block_v)` on fixed random bf16 inputs
     (each kernel's upstream results computed once), and the NumPy inputs."""
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
@@ -207,15 +206,13 @@ def kernel_calls(shape, transposed_inverse: bool = False):
     q, k, v, beta, h0, do = jax_inputs(np_in)
     st = Static(scale=shape[-1] ** -0.5, qk_l2norm=False, has_segments=False,
                 interpret=jax.default_backend() != "gpu")
-    tr = transposed_inverse
     w, u, tm, p = wy_prepare(k, v, beta, None, q, static=st, with_t=True)
     vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True)
     dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st)
     _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st)
     calls = {
-        "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L, transposed_inverse=tr),
-        "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L, transposed_inverse=tr),
-        "wy_apply_wu": lambda L, bv: wy_apply(k, v, beta, tm, None, None, static=st, launch=L),
+        "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L),
+        "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L),
         "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=bv, launch=L),
         "fwd_from_t": lambda L, bv: chunk_forward_from_t(q, k, v, beta, tm, None, h0, p, static=st, block_v=bv,
                                                          launch=L),
@@ -230,11 +227,10 @@ def kernel_calls(shape, transposed_inverse: bool = False):
 
 
 def sweep(shape, reps, kernels, overrides: dict | None = None):
-    """Time launch choices of each named Pallas kernel alone at one shape (`transposed_inverse` taken
-    from `overrides`); prints and returns rows."""
+    """Time launch choices of each named Pallas kernel alone at one shape; prints and returns rows."""
     from pallas_kernels.delta_rule.common import Launch
 
-    cands, _ = kernel_calls(shape, bool((overrides or {}).get("transposed_inverse", False)))
+    cands, _ = kernel_calls(shape)
     rows = []
     for name in kernels:
         bvs, warps, stages = SWEEPS[name]
@@ -259,13 +255,12 @@ def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | N
 
     B, T, H, D = shape
     cf = dataclasses.replace(KernelConfig.for_shape(D, D, B * H), **(overrides or {}))
-    kernels, np_in = kernel_calls(shape, cf.transposed_inverse)
-    launches = {"wy": (cf.wy, 0), "wy_inverse": (cf.wy_inverse, 0), "wy_apply_wu": (cf.wy_apply, 0),
+    kernels, np_in = kernel_calls(shape)
+    launches = {"wy": (cf.wy, 0), "wy_inverse": (cf.wy_inverse, 0),
                 "fwd": (cf.fwd, cf.fwd_block_v), "fwd_from_t": (cf.fwd, cf.fwd_block_v), "wy_apply": (cf.wy_apply, 0),
                 "states": (cf.states, cf.fwd_block_v), "state_grads": (cf.state_grads, cf.bwd_block_v),
                 "dqkw": (cf.dqkw, cf.dqkw_block_v), "wy_bwd": (cf.wy_bwd, cf.wy_bwd_block_v)}
-    forward = (["wy_inverse", "fwd_from_t"] if cf.fold_wu else ["wy_inverse", "wy_apply_wu", "fwd"] if cf.split_wy
-               else ["wy", "fwd"])
+    forward = ["wy_inverse", "fwd_from_t"] if cf.fold_wu else ["wy", "fwd"]
     passes = [("fwd", name) for name in forward] + [("bwd", name) for name in
                                                     ("wy_apply", "states", "state_grads", "dqkw", "wy_bwd")]
     ours = {f"{stage}: {KERNEL_LABELS[name]}": functools.partial(kernels[name], *launches[name])
@@ -367,7 +362,7 @@ def main(argv=None):
     ap.add_argument("--shapes", type=parse_shapes, help="comma-separated BxTxHxD shapes instead of the standard"
                     " four, e.g. 8x2048x16x128,2x8192x16x128")
     ap.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
-                    help="KernelConfig overrides for the Pallas timings, e.g. split_wy=true transposed_inverse=true"
+                    help="KernelConfig overrides for the Pallas timings, e.g. fold_wu=false"
                          " wy=8,1 (launches as WARPS,STAGES)")
     ap.add_argument("--no-fla", action="store_true", help="leave fla out even when it is importable")
     ap.add_argument("--skip-table", action="store_true", help="only the sweep and the breakdown, no end-to-end table")

@@ -4,7 +4,7 @@ kernel's start offset from the host call, its duration, and the gaps), so launch
 between kernels show up next to the kernels themselves.
 
     python -m experiments.trace_ops --shape 2x8192x16x128
-    python -m experiments.trace_ops --shape 2x8192x16x128 --config split_wy=true --out /tmp/trace
+    python -m experiments.trace_ops --shape 2x8192x16x128 --config fold_wu=false --out /tmp/trace
 
 The trace (TensorBoard / Perfetto format) stays in --out. On a backend without a device timeline
 (CPU) only the host-side call times are printed.

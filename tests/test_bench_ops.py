@@ -12,20 +12,20 @@ from pallas_kernels.delta_rule.common import Launch
 def test_quick_run_with_breakdown(tmp_path):
     out = tmp_path / "ops.json"
     bench_ops.main(["--quick", "--no-write", "--breakdown", "--skip-decode", "--reps", "1",
-                    "--config", "split_wy=true", "--json", str(out)])
+                    "--config", "fold_wu=false", "--json", str(out)])
     res = json.loads(out.read_text())
     (row,) = res["rows"]
     assert row["pallas_fwd"] > 0 and row["pallas_fwdbwd"] > 0 and row["err_pallas_vs_xla"] < 0.02
     assert row["pallas_fwd_b2b"] > 0 and row["pallas_fwdbwd_b2b"] > 0 and "xla_fwd_b2b" not in row
     kernels = [r["kernel"] for r in res["breakdown"] if r["impl"] == "pallas"]
-    assert kernels[:2] == ["fwd: wy_inverse (T, P)", "fwd: wy_apply (W, U)"]   # the split forward
-    assert len(kernels) == 8 and all(r["ms"] > 0 for r in res["breakdown"])
+    assert kernels[:2] == ["fwd: wy_prepare (+T)", "fwd: chunk_forward"]   # the forward without folding
+    assert len(kernels) == 7 and all(r["ms"] > 0 for r in res["breakdown"])
 
 
 def test_parse_config():
-    got = bench_ops.parse_config(["split_wy=true", "wy=8,2", "fwd_block_v=32"])
-    assert got == {"split_wy": True, "wy": Launch(8, 2), "fwd_block_v": 32}
-    for bad in (["nope=1"], ["wy=8"], ["split_wy=maybe"], ["fwd_block_v"]):
+    got = bench_ops.parse_config(["fold_wu=true", "wy=8,2", "fwd_block_v=32"])
+    assert got == {"fold_wu": True, "wy": Launch(8, 2), "fwd_block_v": 32}
+    for bad in (["nope=1"], ["wy=8"], ["fold_wu=maybe"], ["fwd_block_v"]):
         with pytest.raises(argparse.ArgumentTypeError):
             bench_ops.parse_config(bad)
 

@@ -73,39 +73,49 @@ def test_pallas_decode_step_matches_xla_step(K, V, l2):
         delta_rule_step(q, k, v, beta, state, implementation="cuda")
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
-@pytest.mark.parametrize("case", ["random", "identical-keys-beta1", "identical-keys-beta2", "segments"])
-def test_inverse_unit_lower16_matches_numpy(case, transposed):
-    """The 16x16 diagonal-block inverse, float32 against float64, including repeated keys with beta 1
-    and 2 (a reflection), where a Neumann-product inverse would lose digits."""
-    from pallas_kernels.delta_rule.common import inverse_unit_lower16
-
-    rng = np.random.default_rng(4)
-    k = rng.standard_normal((16, 64))
-    k /= np.linalg.norm(k, axis=1, keepdims=True)
-    beta = rng.uniform(0, 1, 16)
+def _chunk_a(case: str, seed: int = 4) -> np.ndarray:
+    """A strictly lower A = tril(diag(beta) K K^T, -1) of one 64-token chunk, float64."""
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((64, 64))
+    beta = rng.uniform(0, 1, 64)
     if case.startswith("identical"):
-        k = np.ones((16, 64)) / 8.0
-        beta = np.full(16, 1.0 if case.endswith("beta1") else 2.0)
+        k = np.ones((64, 64))
+        beta = np.full(64, 1.0 if case.endswith("beta1") else 2.0)
+    if case == "correlated-beta2":   # keys near one direction, beta in [1, 2]: the hardest inverse here
+        k = rng.standard_normal(64) + 0.3 * rng.standard_normal((64, 64))
+        beta = rng.uniform(1, 2, 64)
+    k /= np.linalg.norm(k, axis=1, keepdims=True)
     a = np.tril((beta[:, None] * k) @ k.T, -1)
     if case == "segments":
-        seg = np.repeat([0, 1, 2], [5, 6, 5])
+        seg = np.repeat([0, 1, 2, 3], [5, 20, 30, 9])
         a = np.where(seg[:, None] == seg[None, :], a, 0.0)
-    given = jnp.asarray(a.T if transposed else a, jnp.float32)
-    t = np.asarray(inverse_unit_lower16([given], transposed=transposed)[0], np.float64)
-    ref = np.linalg.inv(np.eye(16) + a)
-    # float32 rounding of a (|a| <= 2) through 15 substitution steps: a few ulps of max |T|.
-    assert np.abs(t - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    return a
 
 
-@pytest.mark.parametrize("variant", [dict(split_wy=True), dict(transposed_inverse=True),
-                                     dict(split_wy=True, transposed_inverse=True), dict(fold_wu=True)],
-                         ids=["split", "transposed", "split-transposed", "fold"])
-def test_forward_wy_variants_match_default(variant):
-    """The forward WY variants of `KernelConfig` (split: T and P in `wy_inverse`, W and U in
-    `wy_apply`; transposed: the 16x16 substitution from A^T; fold: W and U made inside the scan)
-    compute what the default does: outputs, final state and gradients, with segments, qk_l2norm and
-    an initial state."""
+@pytest.mark.parametrize("case", ["random", "identical-keys-beta1", "identical-keys-beta2", "segments",
+                                  "correlated-beta2"])
+def test_inverse_unit_lower64_matches_numpy(case):
+    """The chunk inverse (16x16 diagonal blocks by gathered substitution, then the block Neumann
+    product) against float64, exact as interpreted and with the GPU's three-bf16-product merge of
+    float32 inputs, on repeated keys with beta 1 and 2 (a reflection) and correlated keys."""
+    from pallas_kernels.delta_rule.common import Static, inverse_unit_lower64
+
+    a = _chunk_a(case)
+    ref = np.linalg.inv(np.eye(64) + a)
+    a32 = jnp.asarray(a, jnp.float32)
+    scale = max(1.0, np.abs(ref).max())
+    for interpret, tol in ((True, 1e-5), (False, 2e-4)):
+        static = Static(scale=1.0, qk_l2norm=False, has_segments=False, interpret=interpret)
+        t = np.asarray(inverse_unit_lower64(a32, a32, static, jnp.float32), np.float64)
+        # float32 rounding through 15 substitution steps and 4 products: a few ulps of max |T|
+        # exact; the bf16 x3 products carry ~16 significant bits (measured worst 5e-5).
+        assert np.abs(t - ref).max() <= tol * scale, (interpret, np.abs(t - ref).max())
+
+
+def test_forward_without_folding_matches_default():
+    """The two forward paths of `KernelConfig.fold_wu` (W and U made inside the scan from T, the
+    default up to K = 128; or made by `wy_prepare` and read by the scan) compute the same outputs,
+    final state and gradients, with segments, qk_l2norm and an initial state."""
     import dataclasses
 
     from pallas_kernels.delta_rule import chunk_delta_rule
@@ -116,7 +126,8 @@ def test_forward_wy_variants_match_default(variant):
     q, k, v, beta, s0 = make_inputs(5, B, T, H, K, V)
     seg_index, valid = segment_index(_segments(B, T))
     fused = KernelConfig.for_shape(K, V, B * H)
-    split = dataclasses.replace(fused, **variant)
+    assert fused.fold_wu
+    split = dataclasses.replace(fused, fold_wu=False)
 
     def loss(config, q, k, v, beta, s0):
         o, s = chunk_delta_rule(q, k, v, beta, scale=K ** -0.5, initial_state=s0, seg_index=seg_index,

@@ -138,14 +138,18 @@ def test_long_sequence_stays_finite(shift):
 
 
 def test_poisoned_output_is_overwritten():
-    from pallas_kernels.delta_rule.chunk_fwd import chunk_forward
+    """Both forward scans (W and U read, and made from T) write every element of their output."""
+    from pallas_kernels.delta_rule.chunk_fwd import chunk_forward, chunk_forward_from_t
     from pallas_kernels.delta_rule.common import Static
-    from pallas_kernels.delta_rule.wy import wy_prepare
+    from pallas_kernels.delta_rule.wy import wy_inverse, wy_prepare
 
     q, k, v, beta, h0, _ = (jnp.asarray(x) for x in inputs(9, 2, 256, 2, 64, 128))
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
     st = Static(scale=0.125, qk_l2norm=False, has_segments=False, interpret=False)
     w, u, p = wy_prepare(k, v, beta, None, q, static=st)
-    poison = jnp.full(v.shape, jnp.nan, jnp.bfloat16)
-    o, _ = chunk_forward(q, k, w, u, None, h0, p, static=st, out=poison)
+    o, _ = chunk_forward(q, k, w, u, None, h0, p, static=st, out=jnp.full(v.shape, jnp.nan, jnp.bfloat16))
+    assert np.isfinite(np.asarray(o.astype(jnp.float32))).all()
+    tmat, p = wy_inverse(k, beta, None, q, static=st)
+    o, _ = chunk_forward_from_t(q, k, v, beta, tmat, None, h0, p, static=st,
+                                out=jnp.full(v.shape, jnp.nan, jnp.bfloat16))
     assert np.isfinite(np.asarray(o.astype(jnp.float32))).all()

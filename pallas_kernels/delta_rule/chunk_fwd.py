@@ -132,10 +132,10 @@ def chunk_forward(q, k, w, u, idx, h0, p=None, *, static: Static, states: bool =
 
 @functools.partial(jax.jit, static_argnames=("static", "block_v", "launch"))
 def chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, *, static: Static, block_v: int = 64,
-                         launch: Launch = Launch(4, 2)):
+                         launch: Launch = Launch(4, 2), out=None):
     """The forward scan making W = T (beta K) and U = T (beta V) chunk by chunk from T instead of
     reading them: q, k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]` float32, tmat and p
-    `[B, T, H, 64]` (from `wy_inverse`), idx and h0 as `chunk_forward`.
+    `[B, T, H, 64]` (from `wy_inverse`), idx, h0 and `out` as `chunk_forward`.
 
     Returns `(o [B, T, H, V] in q's dtype, final_state [B, H, K, V] f32)`."""
     B, T, H, K = q.shape
@@ -148,10 +148,15 @@ def chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, *, static: Static, blo
                 seq(CHUNK)]
     args = [q, k, v, beta, tmat, p]
     add_segments_and_state(in_specs, args, idx, h0, static, T, kv)
+    aliases = {}
+    if out is not None:
+        in_specs.append(tile)
+        args.append(out)
+        aliases = {len(args) - 1: 0}
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, static=static, has_h0=h0 is not None, has_out=False, states=False,
+        functools.partial(_fwd_kernel, static=static, has_h0=h0 is not None, has_out=out is not None, states=False,
                           n_chunks=T // CHUNK, fold=True),
         out_shape=(jax.ShapeDtypeStruct((B, T, H, V), q.dtype), jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)),
-        grid=(V // bv, B, H), in_specs=in_specs, out_specs=(tile, kv),
+        input_output_aliases=aliases, grid=(V // bv, B, H), in_specs=in_specs, out_specs=(tile, kv),
         interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_chunk_fwd_from_t",
     )(*args)

@@ -105,49 +105,59 @@ def load_rows(ref, start: int, rows: int, normalize: bool = False) -> jax.Array:
     return l2normalize(x)[0] if normalize else x
 
 
-def inverse_unit_lower16(blocks: list, transposed: bool = False) -> list:
-    """`(I + a)^{-1}` for each strictly lower-triangular `a [16, 16]` (float32) of `blocks` (given as
-    `a^T` if `transposed`), by forward substitution; the blocks advance together so their
-    independent steps overlap.
+def split_dot(a: jax.Array, b: jax.Array, static: Static, dtype, kind: str = "nn") -> jax.Array:
+    """`a @ b` (`kind` "nn", "tn" or "nt") of float32 operands for the inverse's block merge, by the
+    kernel's input `dtype`: exact when interpreted; for 16-bit inputs one TF32 product (T is
+    rounded to 16 bits right after); for float32 inputs three bf16 products of the operands'
+    high and low bf16 halves (`hi hi + hi lo + lo hi`, ~16 significant bits, fewer registers than
+    3xTF32). Relative error of T against float64 over 20 random and correlated-key chunks (beta up
+    to 2): TF32 8e-5 typical, 2.8e-3 worst (bf16 rounding of T: 2e-3); bf16 x3 1e-6 / 5e-5."""
+    fn = {"nn": dot, "tn": dot_tn, "nt": dot_nt}[kind]
+    if static.interpret:
+        return fn(a, b, jax.lax.Precision.HIGHEST)
+    if jnp.dtype(dtype).itemsize < 4:
+        return fn(a, b, jax.lax.DotAlgorithmPreset.TF32_TF32_F32)
+    bf = jnp.bfloat16
+    a_hi, b_hi = a.astype(bf), b.astype(bf)
+    a_lo = (a - a_hi.astype(jnp.float32)).astype(bf)
+    b_lo = (b - b_hi.astype(jnp.float32)).astype(bf)
+    return fn(a_hi, b_hi) + (fn(a_hi, b_lo) + fn(a_lo, b_hi))
 
-    Row i of L = T - I solves L_i = -a_i - a_i L (rows of L below i are still zero). From `a^T`, row
-    i of `a` comes out of a reduction over columns already laid out along L's rows, which spares
-    the kernel a layout conversion per step.
+
+def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype) -> jax.Array:
+    """`T = (I + A)^{-1}` (float32 `[64, 64]`) of one chunk's strictly lower-triangular `A` (float32,
+    in registers and, written before a barrier, in `a_ref`).
+
+    The four 16x16 diagonal blocks by forward substitution, all at once on the whole 64x64 tile:
+    step i (1..15) gathers row i of every diagonal block from `a_ref` (one load, no reduction to
+    extract it) and fills row i of each block of `D = blockdiag((I + A_dd)^{-1})` with one
+    reduction. Then, with `N = D A_off` (A below the diagonal blocks: block strictly lower, so
+    N^4 = 0), `T = (I + N)^{-1} D = D - N (D - N (D - N D))`: four 64x64 products (`split_dot`,
+    by the kernel's input `dtype`).
     """
-    rows, cols = iota2(BLOCK, BLOCK, 0), iota2(BLOCK, BLOCK, 1)
+    n = CHUNK
+    rows, cols = iota2(n, n, 0), iota2(n, n, 1)
+    col_block = (cols // BLOCK) * BLOCK
+    j = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
 
-    def body(i, lows):
-        out = []
-        for a, low in zip(blocks, lows):
-            if transposed:
-                a_i = jnp.sum(jnp.where(cols == i, a, 0.0), axis=1)
-            else:
-                a_i = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)
-            l_i = -a_i - jnp.sum(a_i[:, None] * low, axis=0)
-            out.append(jnp.where(rows == i, l_i[None, :], low))
-        return tuple(out)
+    def body(i, d):
+        g = a_ref[(j // BLOCK) * BLOCK + i, j]          # g[j] = A[16 (j // 16) + i, j]
+        s = jnp.sum(g[:, None] * d, axis=0)             # s[c] = sum_j A[r, j] D[j, c], r = 16 (c // 16) + i
+        return d - jnp.where(rows == col_block + i, s[None, :], 0.0)
 
-    zero = jnp.zeros((BLOCK, BLOCK), jnp.float32)
-    lows = jax.lax.fori_loop(1, BLOCK, body, tuple(zero for _ in blocks))
-    eye = (rows == cols).astype(jnp.float32)
-    return [low + eye for low in lows]
+    d = jax.lax.fori_loop(1, BLOCK, body, (rows == cols).astype(jnp.float32))
+    n_mat = split_dot(d, jnp.where(rows // BLOCK > cols // BLOCK, a, 0.0), static, dtype)
+    z = split_dot(n_mat, d, static, dtype)
+    z = split_dot(n_mat, d - z, static, dtype)
+    z = split_dot(n_mat, d - z, static, dtype)
+    return d - z
 
 
-def inverse_unit_lower_blocks(a: dict, transposed_diag: bool = False) -> dict:
-    """Blocks of `T = (I + A)^{-1}` from the 16x16 blocks `a[i, j]` (i >= j, float32) of a strictly
-    lower-triangular 64x64 `A` (the diagonal ones given transposed if `transposed_diag`): diagonal
-    blocks by forward substitution, the rest by block forward substitution
-    `T_ij = -T_ii sum_{l=j}^{i-1} A_il T_lj` in exact float32 dots."""
-    n = CHUNK // BLOCK
-    exact = jax.lax.Precision.HIGHEST
-    diag = inverse_unit_lower16([a[i, i] for i in range(n)], transposed=transposed_diag)
-    t = {}
-    for i in range(n):
-        t[i, i] = diag[i]
-        for j in range(i):
-            acc = sum(dot(a[i, l], t[l, j], exact) for l in range(j, i))
-            t[i, j] = -dot(t[i, i], acc, exact)
-    return t
+def barrier(static: Static) -> None:
+    """Order a program's global-memory writes before its later reads of them (GPU; interpreted
+    programs run in order)."""
+    if not static.interpret:
+        plgpu.debug_barrier()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +174,6 @@ class KernelConfig:
     dqkw_block_v: int = 64
     wy_bwd: Launch = Launch(8, 1)
     wy_bwd_block_v: int = 64
-    split_wy: bool = False          # forward WY in two kernels: `wy_inverse` (T, P), `wy_apply` (W, U)
-    transposed_inverse: bool = False  # 16x16 substitution from A^T blocks (no layout conversion per step)
     fold_wu: bool = False           # forward scan makes W, U from T per chunk (`wy_inverse` + `chunk_forward_from_t`)
     wy_inverse: Launch = Launch(4, 1)
 
@@ -193,5 +201,8 @@ class KernelConfig:
         if k_dim > 128:
             return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), **per_chunk)
         # The reverse scan pipelines its chunk loads like the forward ones (3 stages: 0.45 -> 0.38 ms
-        # at (16, 2048, 32, 64), 0.58 -> 0.29 ms at (2, 8192, 16, 128)).
-        return cls(fwd=Launch(4, 3 if one_wave else 1), state_grads=Launch(4, 3), **per_chunk)
+        # at (16, 2048, 32, 64), 0.58 -> 0.29 ms at (2, 8192, 16, 128)). The forward folds W and U
+        # into its scan (H200, one run: forward 0.531 -> 0.517, 0.594 -> 0.614 and 1.307 -> 1.200 ms
+        # back to back at the three benchmark shapes; NOTES.md); at K = 256 the folded scan spills
+        # three times as much, so it stays with `wy_prepare`.
+        return cls(fwd=Launch(4, 3 if one_wave else 1), state_grads=Launch(4, 3), fold_wu=True, **per_chunk)

@@ -1,8 +1,8 @@
 """`chunk_delta_rule`: the Pallas chunked delta rule with a custom VJP.
 
-Forward: `wy_prepare` (T = (I + A)^{-1}, W, U and P = scale tril(Q K^T) per chunk, parallel; or the
-same split into `wy_inverse` and `wy_apply`) then `chunk_forward` (the state scan); or `wy_inverse`
-then `chunk_forward_from_t`, which makes W and U chunk by chunk inside the scan. Saved for the
+Forward: `wy_inverse` (T = (I + A)^{-1} and P = scale tril(Q K^T) per chunk, parallel) then
+`chunk_forward_from_t` (the state scan, making W and U chunk by chunk from T); or, for K > 128,
+`wy_prepare` (T, W, U and P) then `chunk_forward` (KernelConfig.fold_wu). Saved for the
 backward pass: the inputs and T (`[B, T, H, 64]` in the inputs' dtype: O(T * C) per head).
 The backward pass recomputes W, U and P from T (`wy_apply`), the state entering each chunk and V'
 (`chunk_forward(states=True)`), runs the reverse state scan (`chunk_state_grads`) and finishes with
@@ -32,20 +32,14 @@ def _delta_rule(q, k, v, beta, h0, idx, static: Static, config: KernelConfig):
 
 
 def _forward(q, k, v, beta, h0, idx, static, config, with_t: bool = False):
-    """(o, final_state), and T (None unless `with_t` or made anyway), by the forward variant of
-    `config`: fused `wy_prepare`, split (`wy_inverse` + `wy_apply`) or folded (`wy_inverse` +
-    `chunk_forward_from_t`)."""
+    """(o, final_state), and T (None unless `with_t` or made anyway): folded (`wy_inverse` +
+    `chunk_forward_from_t`) or not (`wy_prepare` + `chunk_forward`), by `config.fold_wu`."""
     scan = dict(static=static, block_v=config.fwd_block_v, launch=config.fwd)
-    if config.split_wy or config.fold_wu:
-        tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse,
-                             transposed_inverse=config.transposed_inverse)
-        if config.fold_wu:
-            return chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, **scan), tmat
-        w, u = wy_apply(k, v, beta, tmat, None, idx, static=static, launch=config.wy_apply)
-    else:
-        w, u, *rest = wy_prepare(k, v, beta, idx, q, static=static, with_t=with_t, launch=config.wy,
-                                 transposed_inverse=config.transposed_inverse)
-        tmat, p = rest if with_t else (None, rest[0])
+    if config.fold_wu:
+        tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse)
+        return chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, **scan), tmat
+    w, u, *rest = wy_prepare(k, v, beta, idx, q, static=static, with_t=with_t, launch=config.wy)
+    tmat, p = rest if with_t else (None, rest[0])
     return chunk_forward(q, k, w, u, idx, h0, p, **scan), tmat
 
 
