@@ -1,0 +1,24 @@
+"""`experiments.kernel_resources` on CPU: the op lowered for CUDA without a GPU, one Triton module per kernel."""
+
+import pytest
+
+from experiments import kernel_resources
+
+
+def test_forward_and_backward_kernels_lower_for_cuda(tmp_path):
+    forward = kernel_resources.op_kernels((2, 256, 3, 64), backward=False, overrides={})
+    assert [k["name"] for k in forward] == ["delta_rule_wy_inverse", "delta_rule_chunk_fwd_from_t"]
+    assert forward[0]["grid"] == (4, 2, 3)          # one program per (chunk, batch, head)
+    assert forward[1]["grid"] == (2, 2, 3)          # one per (V-tile, batch, head): 32-wide tiles for few heads
+    assert all("tt.func" in k["ir"] and k["num_warps"] == 4 for k in forward)
+    unfolded = kernel_resources.op_kernels((2, 256, 3, 64), backward=False, overrides={"fold_wu": False})
+    assert [k["name"] for k in unfolded] == ["delta_rule_wy_prepare", "delta_rule_chunk_fwd"]
+    kernel_resources.main(["--shape", "1x128x2x32", "--backward", "--ir-only", "--out", str(tmp_path)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00_delta_rule_wy_inverse.ttir", "01_delta_rule_wy_apply.ttir", "02_delta_rule_chunk_states.ttir",
+                     "03_delta_rule_chunk_state_grads.ttir", "04_delta_rule_chunk_dqkw.ttir", "05_delta_rule_wy_bwd.ttir"]
+
+
+def test_rejects_two_shapes():
+    with pytest.raises(SystemExit):
+        kernel_resources.main(["--shape", "1x128x2x32,1x64x2x32", "--ir-only"])
