@@ -6,6 +6,7 @@ state), bf16 inputs; regenerates the ops section of BENCHMARKS.md.
     python -m experiments.bench_ops --sweep         # also time launch choices of each kernel
     python -m experiments.bench_ops --breakdown     # also time each kernel, ours and fla's
     python -m experiments.bench_ops --quick --no-write   # tiny shapes, any backend (a smoke test)
+    python -m experiments.bench_ops --from-json a.json b.json   # rows of earlier --json runs as one table
 """
 
 from __future__ import annotations
@@ -368,7 +369,21 @@ def main(argv=None):
     ap.add_argument("--skip-table", action="store_true", help="only the sweep and the breakdown, no end-to-end table")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory comparison")
     ap.add_argument("--skip-decode", action="store_true", help="skip the decoding-step comparison")
+    ap.add_argument("--from-json", nargs="+", metavar="JSON",
+                    help="run nothing: write one table of the rows saved by earlier --json runs on one GPU (each"
+                         " row keeps the fla figures of its own run; a later file's row for a shape replaces an"
+                         " earlier one's)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        try:
+            merged = merge_saved(args.from_json)
+        except (OSError, ValueError) as err:
+            ap.error(f"--from-json: {err}")
+        table = render(merged)
+        print(table)
+        if not args.no_write:
+            print("wrote", update_section("ops", table))
+        return merged
     if args.reps < 1:
         ap.error("--reps must be >= 1")
     try:
@@ -405,7 +420,8 @@ def main(argv=None):
             row["err_pallas_vs_fla"] = float(np.linalg.norm(o_pl - o_f) / np.linalg.norm(o_f))
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
-        if write:  # after every shape, so an interrupted run still leaves its measured rows
+        save(results, args.json)   # after every shape, so an interrupted run still leaves its measured rows
+        if write:
             update_section("ops", render(results))
     if not args.skip_decode:
         for shape in (DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES):
@@ -414,6 +430,7 @@ def main(argv=None):
                        pallas_us=decode_us("pallas", shape, steps, args.reps))
             results.setdefault("decode", []).append(row)
             print(json.dumps(row), flush=True)
+            save(results, args.json)
     if not args.quick and not args.skip_memory:
         mem = dict(shape=MEMORY_SHAPE)
         np_in = make_inputs(MEMORY_SHAPE)
@@ -423,11 +440,49 @@ def main(argv=None):
         results["memory"] = mem
     table = render(results)
     print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    save(results, args.json)
     if write:
         print("wrote", update_section("ops", table))
+    return results
+
+
+def save(results: dict, path: str | None) -> None:
+    """Write `results` as JSON to `path` (if given), whole, replacing what an earlier call wrote."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def merge_saved(paths: list) -> dict:
+    """One results dict from the `--json` files of several runs on one GPU: rows by shape (a later
+    file's row replaces an earlier one's), the decoding and memory rows of the last file that has
+    them, every run's command and date."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        missing = [key for key in ("gpu", "jax", "date", "command", "rows") if key not in data]
+        if missing:
+            raise ValueError(f"{path} is not a bench_ops --json file (no {', '.join(missing)})")
+        runs.append(data)
+    gpus = sorted({r["gpu"] for r in runs})
+    if len(gpus) > 1:
+        raise ValueError(f"the files were measured on different GPUs ({', '.join(gpus)}): one table holds one GPU")
+    rows = {}
+    for run in runs:
+        for row in run["rows"]:
+            rows[tuple(row["shape"])] = row
+    merged = dict(gpu=gpus[0], jax=", ".join(dict.fromkeys(r["jax"] for r in runs)),
+                  date=", ".join(dict.fromkeys(r["date"] for r in runs)),
+                  command="; ".join(r["command"] for r in runs),
+                  fla=", ".join(dict.fromkeys(str(r["fla"]) for r in runs if r.get("fla"))) or None,
+                  rows=sorted(rows.values(), key=lambda r: [SHAPES.index(tuple(r["shape"])) if tuple(r["shape"]) in SHAPES
+                                                            else len(SHAPES), r["shape"]]))
+    for key in ("decode", "memory", "breakdown"):
+        for run in runs:
+            if run.get(key):
+                merged[key] = run[key]
+    return merged
 
 
 def render(res) -> str:

@@ -46,3 +46,38 @@ def test_render_back_to_back_table():
     text = bench_ops.render(dict(gpu="X", jax="0", date="d", command="c", rows=[row]))
     assert "| 1, 64, 1, 16 | 1.000 | 0.900 | — | 0.90× |" in text   # with a barrier per call
     assert "| 1, 64, 1, 16 | 0.500 | 0.600 | 1.20× | 1.600 | 2.000 | 1.25× |" in text   # back to back
+
+
+def _run(command, date, rows, **extra):
+    return dict(gpu="NVIDIA H200", jax="0.11.2", fla="0.6.0", date=date, command=command, rows=rows, **extra)
+
+
+def _row(shape, ours, fla):
+    keys = ("fwd", "fwdbwd", "fwd_b2b", "fwdbwd_b2b")
+    return dict(shape=list(shape), **{f"pallas_{k}": ours for k in keys}, **{f"fla_{k}": fla for k in keys},
+                xla_fwd=9.0, xla_fwdbwd=9.0, err_pallas_vs_fla=0.006)
+
+
+def test_saved_runs_merge_into_one_table(tmp_path, capsys):
+    """Rows of runs cut short (--json is rewritten after every shape) are written as one table
+    (--from-json): each row keeps its own run's fla figures, a later file's row for a shape replaces
+    an earlier one's, rows in the standard order; files from two GPUs are refused."""
+    a, b, c = (tmp_path / f"{n}.json" for n in "abc")
+    a.write_text(json.dumps(_run("A", "2026-12-01", [_row((2, 8192, 16, 128), 0.5, 1.0), _row((8, 2048, 16, 128), 9.0, 1.0)])))
+    b.write_text(json.dumps(_run("B", "2026-12-02", [_row((16, 2048, 32, 64), 0.8, 1.0), _row((8, 2048, 16, 128), 0.4, 1.0)],
+                                 memory=dict(shape=[1, 32768, 16, 128], pallas_gib=2.0, fla_gib=2.5))))
+    merged = bench_ops.main(["--from-json", str(a), str(b), "--no-write"])
+    out = capsys.readouterr().out
+    assert [tuple(r["shape"]) for r in merged["rows"]] == [(8, 2048, 16, 128), (2, 8192, 16, 128), (16, 2048, 32, 64)]
+    assert "`A; B`" in out and "2026-12-01, 2026-12-02" in out and "Pallas 2.00 GiB" in out
+    assert "| 8, 2048, 16, 128 | 0.400 | 1.000 |" in out   # file b's row, not file a's
+    # fla / ours per row, in the forward and forward+backward columns of both tables
+    assert out.count("| 2.50× |") == 4 and out.count("| 2.00× |") == 4 and out.count("| 1.25× |") == 4
+    c.write_text(json.dumps(dict(_run("C", "2026-12-03", []), gpu="NVIDIA H100 80GB HBM3")))
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--from-json", str(a), str(c), "--no-write"])
+    assert "different GPUs" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--from-json", str(tmp_path / "bad.json"), "--no-write"])
+    assert "not a bench_ops --json file" in capsys.readouterr().err
