@@ -105,23 +105,22 @@ def load_rows(ref, start: int, rows: int, normalize: bool = False) -> jax.Array:
     return l2normalize(x)[0] if normalize else x
 
 
-def split_dot(a: jax.Array, b: jax.Array, static: Static, dtype, kind: str = "nn") -> jax.Array:
-    """`a @ b` (`kind` "nn", "tn" or "nt") of float32 operands for the inverse's block merge, by the
-    kernel's input `dtype`: exact when interpreted; for 16-bit inputs one TF32 product (T is
+def split_dot(a: jax.Array, b: jax.Array, static: Static, dtype) -> jax.Array:
+    """`a @ b` of float32 operands for the inverse's block merge, by the kernel's input `dtype`:
+    exact when interpreted; for 16-bit inputs one TF32 product (T is
     rounded to 16 bits right after); for float32 inputs three bf16 products of the operands'
     high and low bf16 halves (`hi hi + hi lo + lo hi`, ~16 significant bits, fewer registers than
     3xTF32). Relative error of T against float64 over 20 random and correlated-key chunks (beta up
     to 2): TF32 8e-5 typical, 2.8e-3 worst (bf16 rounding of T: 2e-3); bf16 x3 1e-6 / 5e-5."""
-    fn = {"nn": dot, "tn": dot_tn, "nt": dot_nt}[kind]
     if static.interpret:
-        return fn(a, b, jax.lax.Precision.HIGHEST)
+        return dot(a, b, jax.lax.Precision.HIGHEST)
     if jnp.dtype(dtype).itemsize < 4:
-        return fn(a, b, jax.lax.DotAlgorithmPreset.TF32_TF32_F32)
+        return dot(a, b, jax.lax.DotAlgorithmPreset.TF32_TF32_F32)
     bf = jnp.bfloat16
     a_hi, b_hi = a.astype(bf), b.astype(bf)
     a_lo = (a - a_hi.astype(jnp.float32)).astype(bf)
     b_lo = (b - b_hi.astype(jnp.float32)).astype(bf)
-    return fn(a_hi, b_hi) + (fn(a_hi, b_lo) + fn(a_lo, b_hi))
+    return dot(a_hi, b_hi) + (dot(a_hi, b_lo) + dot(a_lo, b_hi))
 
 
 def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype) -> jax.Array:
