@@ -93,7 +93,7 @@ def op_kernels(shape, backward: bool, overrides: dict, dtype=jnp.bfloat16) -> li
     from pallas_kernels.delta_rule.common import KernelConfig
 
     B, T, H, D = shape
-    config = dataclasses.replace(KernelConfig.for_shape(D, D, B * H), **overrides)
+    config = dataclasses.replace(KernelConfig.for_shape(D, D, B * H, jnp.dtype(dtype).itemsize), **overrides)
     x = jax.ShapeDtypeStruct((B, T, H, D), dtype)
     beta = jax.ShapeDtypeStruct((B, T, H), jnp.float32)
     h0 = jax.ShapeDtypeStruct((B, H, D, D), jnp.float32)

@@ -177,13 +177,15 @@ class KernelConfig:
     wy_inverse: Launch = Launch(4, 1)
 
     @classmethod
-    def for_shape(cls, k_dim: int, v_dim: int, batch_heads: int) -> "KernelConfig":
-        """Defaults by shape. The state scans run one program per (batch, head, V-tile): narrower V
-        tiles (down to 32) when few (batch, head) pairs would leave SMs idle (>= 128 programs, about
-        one wave on an H100), and when the float32 state `[K, BV]` grows with K. With a single wave
-        of scan programs, deeper pipelining of the chunk loads hides their latency (measured at
-        (2, 8192, 16, 128): forward 0.67 -> 0.51 ms with 3 stages); at K = 256 three stages of the
-        `[64, K]` loads would not fit in shared memory, so those scans run unpipelined."""
+    def for_shape(cls, k_dim: int, v_dim: int, batch_heads: int, itemsize: int = 2) -> "KernelConfig":
+        """Defaults by shape and the inputs' bytes per element. The state scans run one program per
+        (batch, head, V-tile): narrower V tiles (down to 32) when few (batch, head) pairs would leave
+        SMs idle (>= 128 programs, about one wave on an H100), and when the float32 state `[K, BV]`
+        grows with K. With a single wave of scan programs, deeper pipelining of the chunk loads
+        hides their latency (measured at (2, 8192, 16, 128): forward 0.67 -> 0.51 ms with 3 stages);
+        at K = 256 three stages of the `[64, K]` loads would not fit in shared memory, nor would they
+        from K = 128 with float32 inputs (272-320 KiB in `experiments.kernel_resources`), so those
+        scans run unpipelined."""
         bv = 64 if k_dim <= 128 else 32
         bv = min(bv, v_dim)
         scan_bv = bv
@@ -199,6 +201,8 @@ class KernelConfig:
                          dqkw_block_v=bv, wy_bwd_block_v=bv, fwd_block_v=scan_bv, bwd_block_v=scan_bv)
         if k_dim > 128:
             return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), **per_chunk)
+        if itemsize > 2 and k_dim >= 128:
+            return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), fold_wu=True, **per_chunk)
         # The reverse scan pipelines its chunk loads like the forward ones (3 stages: 0.45 -> 0.38 ms
         # at (16, 2048, 32, 64), 0.58 -> 0.29 ms at (2, 8192, 16, 128)). The forward folds W and U
         # into its scan (H200, one run: forward 0.531 -> 0.517, 0.594 -> 0.614 and 1.307 -> 1.200 ms

@@ -106,7 +106,8 @@ def chunk_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, beta: jax.Array, 
     idx = None if seg_index is None else _pad(seg_index.astype(jnp.int32), 1, Tp, mode="edge")
     h0 = None if initial_state is None else _pad(_pad(initial_state.astype(jnp.float32), 2, Kp), 3, Vp)
     static = Static(scale=float(scale), qk_l2norm=qk_l2norm, has_segments=idx is not None, interpret=interpret)
-    o, final_state = _delta_rule(q, k, v, beta, h0, idx, static, config or KernelConfig.for_shape(Kp, Vp, B * H))
+    config = config or KernelConfig.for_shape(Kp, Vp, B * H, jnp.dtype(dtype).itemsize)
+    o, final_state = _delta_rule(q, k, v, beta, h0, idx, static, config)
     o = o[:, :T, :, :V]
     if valid is not None:
         o = jnp.where(valid[:, :, None, None], o, 0)

@@ -17,39 +17,74 @@ recompute for every V-tile.
 from __future__ import annotations
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.delta_rule.common import CHUNK, Launch, Static, barrier, inverse_unit_lower64, iota2, load_rows, mm
+from pallas_kernels.delta_rule.common import (CHUNK, L2NORM_EPS, Launch, Static, barrier, inverse_unit_lower64, iota2,
+                                              mm)
 
 
-def intra_chunk_scores(q_ref, k: jax.Array, idx, static: Static) -> jax.Array:
+def _total(terms) -> jax.Array:
+    """The sum of the terms (no zero to start from: one term is that term)."""
+    return functools.reduce(operator.add, terms)
+
+
+def column_blocks(d: int, dtype) -> list:
+    """Column slices of a chunk's `[C, d]` operand for the WY products: the whole width for 16-bit
+    inputs; 64 wide for float32, whose 3xTF32 products of whole rows would need more shared memory
+    than an SM has at d = 256 (256 KiB in `experiments.kernel_resources`)."""
+    width = d if jnp.dtype(dtype).itemsize < 4 else min(d, 64)
+    return [pl.ds(c, width) for c in range(0, d, width)]
+
+
+def load_blocks(ref, static: Static) -> list:
+    """A chunk's rows `[C, d]` of `ref` as float32 column blocks (`column_blocks`), L2-normalised
+    over the whole row if `static.qk_l2norm`."""
+    blocks = [ref[:, cols].astype(jnp.float32) for cols in column_blocks(ref.shape[-1], ref.dtype)]
+    if static.qk_l2norm:
+        rstd = jax.lax.rsqrt(_total(jnp.sum(x * x, axis=1, keepdims=True) for x in blocks) + L2NORM_EPS)
+        blocks = [x * rstd for x in blocks]
+    return blocks
+
+
+def intra_chunk_scores(q_ref, ks: list, idx, static: Static) -> jax.Array:
     """P = scale * (Q K^T) of one chunk, float32 `[C, C]`, zero above the diagonal and between
-    tokens of different segments (`idx [C]` or None); k `[C, K]` as loaded (`load_rows`)."""
-    q = load_rows(q_ref, 0, CHUNK, static.qk_l2norm) * static.scale
+    tokens of different segments (`idx [C]` or None); ks the chunk's k as `load_blocks` gives it."""
+    dtype = q_ref.dtype
+    qk = _total(mm(q * static.scale, k, dtype, static, "nt") for q, k in zip(load_blocks(q_ref, static), ks))
     keep = iota2(CHUNK, CHUNK, 0) >= iota2(CHUNK, CHUNK, 1)
     if idx is not None:
         keep = keep & (idx[:, None] == idx[None, :])
-    return jnp.where(keep, mm(q, k, q_ref.dtype, static, "nt"), 0.0)
+    return jnp.where(keep, qk, 0.0)
 
 
 def chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static: Static):
     """A = tril(diag(beta) K K^T, -1) of one chunk (masked to same-segment pairs) as one 64x64
     product, written to the scratch `a_ref`, and T = (I + A)^{-1} by `inverse_unit_lower64`.
-    Returns (T float32 `[C, C]`, k `[C, K]` float32 as loaded, beta `[C, 1]` float32, idx or None)."""
+    Returns (T float32 `[C, C]`, k as `load_blocks` gives it, beta `[C, 1]` float32, idx or None)."""
     dtype = k_ref.dtype
-    k = load_rows(k_ref, 0, CHUNK, static.qk_l2norm)
+    ks = load_blocks(k_ref, static)
     beta = beta_ref[...].astype(jnp.float32)[:, None]
     keep = iota2(CHUNK, CHUNK, 0) > iota2(CHUNK, CHUNK, 1)
     idx = idx_ref[...] if static.has_segments else None
     if idx is not None:
         keep = keep & (idx[:, None] == idx[None, :])
-    a = jnp.where(keep, mm(k * beta, k, dtype, static, "nt"), 0.0)
+    a = jnp.where(keep, _total(mm(k * beta, k, dtype, static, "nt") for k in ks), 0.0)
     a_ref[...] = a
     barrier(static)
-    return inverse_unit_lower64(a, a_ref, static, dtype), k, beta, idx
+    return inverse_unit_lower64(a, a_ref, static, dtype), ks, beta, idx
+
+
+def store_wu(w_ref, u_ref, v_ref, tmat: jax.Array, ks: list, beta: jax.Array, static: Static) -> None:
+    """W = T (beta K) and U = T (beta V) of one chunk, by column blocks; tmat in k's dtype."""
+    dtype = v_ref.dtype
+    for cols, k in zip(column_blocks(w_ref.shape[-1], dtype), ks):
+        w_ref[:, cols] = mm(tmat, k * beta, dtype, static).astype(w_ref.dtype)
+    for cols in column_blocks(u_ref.shape[-1], dtype):
+        u_ref[:, cols] = mm(tmat, v_ref[:, cols].astype(jnp.float32) * beta, dtype, static).astype(u_ref.dtype)
 
 
 def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool):
@@ -60,15 +95,13 @@ def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool):
     idx_ref = refs[pos] if static.has_segments else None
     outs = list(refs[pos + static.has_segments:])
     w_ref, u_ref, a_ref = outs[0], outs[1], outs[-1]
-    dtype = k_ref.dtype
-    t, k, beta, idx = chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static)
-    t = t.astype(dtype)
-    w_ref[...] = mm(t, k * beta, dtype, static).astype(w_ref.dtype)
-    u_ref[...] = mm(t, v_ref[...].astype(jnp.float32) * beta, dtype, static).astype(u_ref.dtype)
+    t, ks, beta, idx = chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static)
+    t = t.astype(k_ref.dtype)
+    store_wu(w_ref, u_ref, v_ref, t, ks, beta, static)
     if with_t:
         outs[2][...] = t.astype(outs[2].dtype)
     if with_p:
-        outs[2 + with_t][...] = intra_chunk_scores(q_ref, k, idx, static).astype(outs[2 + with_t].dtype)
+        outs[2 + with_t][...] = intra_chunk_scores(q_ref, ks, idx, static).astype(outs[2 + with_t].dtype)
 
 
 def _chunk_rows(d: int) -> pl.BlockSpec:
@@ -121,10 +154,10 @@ def _wy_inverse_kernel(*refs, static: Static, with_p: bool):
     q_ref = refs[2] if with_p else None
     idx_ref = refs[2 + with_p] if static.has_segments else None
     outs = refs[2 + with_p + static.has_segments:]
-    t, k, _, idx = chunk_inverse(k_ref, beta_ref, idx_ref, outs[-1], static)
+    t, ks, _, idx = chunk_inverse(k_ref, beta_ref, idx_ref, outs[-1], static)
     outs[0][...] = t.astype(outs[0].dtype)
     if with_p:
-        outs[1][...] = intra_chunk_scores(q_ref, k, idx, static).astype(outs[1].dtype)
+        outs[1][...] = intra_chunk_scores(q_ref, ks, idx, static).astype(outs[1].dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "launch"))
@@ -161,14 +194,11 @@ def _wy_apply_kernel(*refs, static: Static, with_p: bool):
     q_ref = refs[4] if with_p else None
     idx_ref = refs[4 + with_p] if static.has_segments and with_p else None
     w_ref, u_ref = refs[-3:-1] if with_p else refs[-2:]
-    dtype = k_ref.dtype
     beta = beta_ref[...].astype(jnp.float32)[:, None]
-    k = load_rows(k_ref, 0, CHUNK, static.qk_l2norm)
-    tmat = t_ref[...]
-    w_ref[...] = mm(tmat, k * beta, dtype, static).astype(w_ref.dtype)
-    u_ref[...] = mm(tmat, v_ref[...].astype(jnp.float32) * beta, dtype, static).astype(u_ref.dtype)
+    ks = load_blocks(k_ref, static)
+    store_wu(w_ref, u_ref, v_ref, t_ref[...], ks, beta, static)
     if with_p:
-        refs[-1][...] = intra_chunk_scores(q_ref, k, idx_ref[...] if static.has_segments else None,
+        refs[-1][...] = intra_chunk_scores(q_ref, ks, idx_ref[...] if static.has_segments else None,
                                            static).astype(refs[-1].dtype)
 
 
