@@ -31,9 +31,8 @@ SM_SHARED = 228 * 1024
 
 def lower_kernels(fn, *args) -> list[dict]:
     """The Triton modules of every `pallas_call` in `jax.jit(fn)` lowered for CUDA on `args` (shape
-    structs): dicts of name, Triton IR text, num_warps, num_stages and grid."""
-    from jax._src.interpreters import mlir
-    from jax._src.pallas import pallas_call
+    structs): dicts of name, Triton IR text, num_warps, num_stages and grid. Hooks the Triton
+    backend's lowering for the duration of the call and puts it back."""
     from jax._src.pallas.triton import pallas_call_registration as registration
 
     found, launch = [], [(4, 3)]
@@ -52,12 +51,12 @@ def lower_kernels(fn, *args) -> list[dict]:
         return lower_call(ctx, *a, compiler_params=compiler_params, **k)
 
     registration.lowering.lower_jaxpr_to_triton_module = module_hook
-    mlir.register_lowering(pallas_call.pallas_call_p, call_hook, platform="cuda")
+    registration.pallas_call_lowering = call_hook   # looked up by pallas_call's GPU rule at each lowering
     try:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower_module
-        mlir.register_lowering(pallas_call.pallas_call_p, lower_call, platform="cuda")
+        registration.pallas_call_lowering = lower_call
     return found
 
 
@@ -105,8 +104,8 @@ def op_kernels(shape, backward: bool, overrides: dict, dtype=jnp.bfloat16) -> li
         return lower_kernels(op, x, x, x, beta, h0)
 
     def fwd_bwd(q, k, v, beta, h0, do):
-        _, pull = jax.vjp(lambda *a: op(*a)[0], q, k, v, beta, h0)
-        return pull(do)
+        o, pull = jax.vjp(lambda *a: op(*a)[0], q, k, v, beta, h0)
+        return o, pull(do)
     return lower_kernels(fwd_bwd, x, x, x, beta, h0, x)
 
 
@@ -137,8 +136,8 @@ def main(argv=None):
     out = args.out or tempfile.mkdtemp(prefix="kernel_resources_")
     os.makedirs(out, exist_ok=True)
     kernels = op_kernels(args.shape[0], args.backward, overrides, jnp.dtype(args.dtype))
-    print(f"{len(kernels)} kernels at {args.shape[0]} ({args.dtype}, {'forward+backward' if args.backward else 'forward'}),"
-          f" files in {out}")
+    passes = "forward+backward" if args.backward else "forward"
+    print(f"{len(kernels)} kernels at {args.shape[0]} ({args.dtype}, {passes}), files in {out}")
     for i, kern in enumerate(kernels):
         path = os.path.join(out, f"{i:02d}_{kern['name']}.ttir")
         with open(path, "w") as f:
@@ -146,9 +145,9 @@ def main(argv=None):
         line = f"{kern['name']:32s} warps {kern['num_warps']} stages {kern['num_stages']} grid {kern['grid']}"
         if compile_ok:
             r = compile_report(path, kern["num_warps"], kern["num_stages"])
-            line += (f": {r['registers']:3d} registers, {r['stack_bytes']:4d} B stack, {r['shared_bytes'] // 1024:3d} KiB"
-                     f" shared, {r['programs_per_sm']} programs/SM, {r['layout_conversions']} layout conversions,"
-                     f" {r['barriers']} barriers")
+            line += (f": {r['registers']:3d} registers, {r['stack_bytes']:4d} B stack,"
+                     f" {r['shared_bytes'] // 1024:3d} KiB shared, {r['programs_per_sm']} programs/SM,"
+                     f" {r['layout_conversions']} layout conversions, {r['barriers']} barriers")
         print(line, flush=True)
 
 

@@ -15,10 +15,30 @@ def test_forward_and_backward_kernels_lower_for_cuda(tmp_path):
     assert [k["name"] for k in unfolded] == ["delta_rule_wy_prepare", "delta_rule_chunk_fwd"]
     kernel_resources.main(["--shape", "1x128x2x32", "--backward", "--ir-only", "--out", str(tmp_path)])
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["00_delta_rule_wy_inverse.ttir", "01_delta_rule_wy_apply.ttir", "02_delta_rule_chunk_states.ttir",
-                     "03_delta_rule_chunk_state_grads.ttir", "04_delta_rule_chunk_dqkw.ttir", "05_delta_rule_wy_bwd.ttir"]
+    assert names == ["00_delta_rule_wy_inverse.ttir", "01_delta_rule_chunk_fwd_from_t.ttir",
+                     "02_delta_rule_wy_apply.ttir", "03_delta_rule_chunk_states.ttir",
+                     "04_delta_rule_chunk_state_grads.ttir", "05_delta_rule_chunk_dqkw.ttir",
+                     "06_delta_rule_wy_bwd.ttir"]
 
 
-def test_rejects_two_shapes():
+def test_lowering_is_put_back():
+    """After the hooked lowering, pallas_call lowers through the same rules as before (no CUDA rule
+    left registered over the common one, which decides on interpret mode)."""
+    from jax._src.interpreters import mlir
+    from jax._src.pallas import pallas_call
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    def rules():
+        return (registration.pallas_call_lowering, registration.lowering.lower_jaxpr_to_triton_module,
+                mlir._platform_specific_lowerings["cuda"].get(pallas_call.pallas_call_p),
+                mlir._lowerings.get(pallas_call.pallas_call_p))
+
+    before = rules()
+    kernel_resources.op_kernels((1, 64, 1, 16), backward=False, overrides={})
+    assert rules() == before
+
+
+def test_rejects_two_shapes(capsys):
     with pytest.raises(SystemExit):
         kernel_resources.main(["--shape", "1x128x2x32,1x64x2x32", "--ir-only"])
+    assert "--shape takes one B x T x H x D shape" in capsys.readouterr().err
