@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import os
 import sys
 
 import jax
@@ -402,9 +403,11 @@ def main(argv=None):
                    fla=None if fla is None else fla[2])
     if args.sweep is not None:
         results["sweep"] = [row for shape in shapes for row in sweep(shape, args.reps, args.sweep or list(SWEEPS), overrides)]
+        save(results, args.json)
     if args.breakdown:
         results["breakdown"] = [row for shape in shapes
                                 for row in breakdown(shape, with_fla=fla is not None, overrides=overrides)]
+        save(results, args.json)
     for shape in ([] if args.skip_table else shapes):
         np_in = make_inputs(shape)
         arrays = jax_inputs(np_in)
@@ -447,10 +450,12 @@ def main(argv=None):
 
 
 def save(results: dict, path: str | None) -> None:
-    """Write `results` as JSON to `path` (if given), whole, replacing what an earlier call wrote."""
+    """Write `results` as JSON to `path` (if given), whole, replacing what an earlier call wrote
+    only once the new file is complete (a run killed mid-write keeps the previous one)."""
     if path:
-        with open(path, "w") as f:
+        with open(path + ".part", "w") as f:
             json.dump(results, f, indent=1)
+        os.replace(path + ".part", path)
 
 
 def merge_saved(paths: list) -> dict:

@@ -3,6 +3,7 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from experiments import bench_ops
@@ -63,8 +64,10 @@ def test_saved_runs_merge_into_one_table(tmp_path, capsys):
     (--from-json): each row keeps its own run's fla figures, a later file's row for a shape replaces
     an earlier one's, rows in the standard order; files from two GPUs are refused."""
     a, b, c = (tmp_path / f"{n}.json" for n in "abc")
-    a.write_text(json.dumps(_run("A", "2026-12-01", [_row((2, 8192, 16, 128), 0.5, 1.0), _row((8, 2048, 16, 128), 9.0, 1.0)])))
-    b.write_text(json.dumps(_run("B", "2026-12-02", [_row((16, 2048, 32, 64), 0.8, 1.0), _row((8, 2048, 16, 128), 0.4, 1.0)],
+    a.write_text(json.dumps(_run("A", "2026-12-01", [_row((2, 8192, 16, 128), 0.5, 1.0),
+                                                     _row((8, 2048, 16, 128), 9.0, 1.0)])))
+    b.write_text(json.dumps(_run("B", "2026-12-02", [_row((16, 2048, 32, 64), 0.8, 1.0),
+                                                     _row((8, 2048, 16, 128), 0.4, 1.0)],
                                  memory=dict(shape=[1, 32768, 16, 128], pallas_gib=2.0, fla_gib=2.5))))
     merged = bench_ops.main(["--from-json", str(a), str(b), "--no-write"])
     out = capsys.readouterr().out
@@ -81,3 +84,24 @@ def test_saved_runs_merge_into_one_table(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_ops.main(["--from-json", str(tmp_path / "bad.json"), "--no-write"])
     assert "not a bench_ops --json file" in capsys.readouterr().err
+
+
+def test_json_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    """--json is rewritten after every shape: a run stopped at its second shape keeps the first row."""
+    out = tmp_path / "ops.json"
+    calls = []
+
+    def fake_bench_jax(impl, arrays, reps, config=None, back_to_back=False):
+        calls.append(impl)
+        if len(calls) > 2:   # the second shape's Pallas timing: the run is stopped here
+            raise KeyboardInterrupt
+        times = dict(fwd=1.0, fwdbwd=2.0) | (dict(fwd_b2b=0.5, fwdbwd_b2b=1.5) if back_to_back else {})
+        return times, np.ones((1, 64, 1, 16), np.float32)
+
+    monkeypatch.setattr(bench_ops, "bench_jax", fake_bench_jax)
+    with pytest.raises(KeyboardInterrupt):
+        bench_ops.main(["--quick", "--no-write", "--skip-decode", "--shapes", "1x64x1x16,1x128x1x16",
+                        "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert [r["shape"] for r in res["rows"]] == [[1, 64, 1, 16]] and res["rows"][0]["pallas_fwd"] == 1.0
+    assert not (tmp_path / "ops.json.part").exists()
