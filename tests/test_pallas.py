@@ -114,17 +114,19 @@ def test_inverse_unit_lower64_matches_numpy(case):
         assert np.abs(t - ref).max() <= tol * scale, (interpret, np.abs(t - ref).max())
 
 
-def test_forward_without_folding_matches_default():
+@pytest.mark.parametrize("K,V", [(16, 32), (96, 80)], ids=["K16-V32", "K96-V80-column-blocks"])
+def test_forward_without_folding_matches_default(K, V):
     """The two forward paths of `KernelConfig.fold_wu` (W and U made inside the scan from T, the
     default up to K = 128; or made by `wy_prepare` and read by the scan) compute the same outputs,
-    final state and gradients, with segments, qk_l2norm and an initial state."""
+    final state and gradients, with segments, qk_l2norm and an initial state; at K 96 and V 80
+    (padded to 128) `wy_prepare` multiplies float32 operands by 64-wide column blocks."""
     import dataclasses
 
     from pallas_kernels.delta_rule import chunk_delta_rule
     from pallas_kernels.delta_rule.common import KernelConfig
     from deltanet_jax.ops.segments import segment_index
 
-    B, T, H, K, V = 2, 100, 2, 16, 32
+    B, T, H = 2, 100, 2
     q, k, v, beta, s0 = make_inputs(5, B, T, H, K, V)
     seg_index, valid = segment_index(_segments(B, T))
     fused = KernelConfig.for_shape(K, V, B * H)

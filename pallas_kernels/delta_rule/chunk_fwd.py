@@ -3,7 +3,8 @@ the state `S [K, BV]` in float32:
 
     V' = U - W S,   O = scale Q S + P V',   S <- S + K^T V'
 
-where P = scale tril(Q K^T) comes precomputed per chunk (`wy_prepare`), so no V-tile redoes it.
+where P = scale tril(Q K^T) comes precomputed per chunk (`wy_prepare` or `wy_inverse`), so no V-tile
+redoes it.
 
 With segments: tokens outside the incoming segment see S = 0, tril(Q K^T) only links tokens of one
 segment, and a chunk where a segment starts passes on only its last segment's contribution.
@@ -91,8 +92,8 @@ def chunk_forward(q, k, w, u, idx, h0, p=None, *, static: Static, states: bool =
 
     Returns `(o [B, T, H, V], final_state [B, H, K, V] f32)`, or with `states=True`
     `(v_new [B, T, H, V], final_state, h [B, NT, H, K, V])` where h[:, c] is the state entering chunk c.
-    `out`, if given, is the buffer the first result is written into (donated; its contents are
-    overwritten everywhere).
+    `out`, if given, is the buffer the first result is written into (aliased to it; inside a jit
+    that does not donate it, XLA copies it first); its contents are overwritten everywhere.
     """
     B, T, H, K = q.shape
     V = u.shape[-1]

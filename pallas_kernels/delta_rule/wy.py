@@ -54,7 +54,8 @@ def intra_chunk_scores(q_ref, ks: list, idx, static: Static) -> jax.Array:
     """P = scale * (Q K^T) of one chunk, float32 `[C, C]`, zero above the diagonal and between
     tokens of different segments (`idx [C]` or None); ks the chunk's k as `load_blocks` gives it."""
     dtype = q_ref.dtype
-    qk = _total(mm(q * static.scale, k, dtype, static, "nt") for q, k in zip(load_blocks(q_ref, static), ks))
+    qs = load_blocks(q_ref, static)
+    qk = _total(mm(q * static.scale, k, dtype, static, "nt") for q, k in zip(qs, ks, strict=True))
     keep = iota2(CHUNK, CHUNK, 0) >= iota2(CHUNK, CHUNK, 1)
     if idx is not None:
         keep = keep & (idx[:, None] == idx[None, :])
@@ -79,10 +80,11 @@ def chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static: Static):
 
 
 def store_wu(w_ref, u_ref, v_ref, tmat: jax.Array, ks: list, beta: jax.Array, static: Static) -> None:
-    """W = T (beta K) and U = T (beta V) of one chunk, by column blocks; tmat in k's dtype."""
-    dtype = v_ref.dtype
-    for cols, k in zip(column_blocks(w_ref.shape[-1], dtype), ks):
-        w_ref[:, cols] = mm(tmat, k * beta, dtype, static).astype(w_ref.dtype)
+    """W = T (beta K) and U = T (beta V) of one chunk, by column blocks (ks as `load_blocks` gives
+    k); tmat, W and U in the inputs' one dtype."""
+    dtype = w_ref.dtype
+    for cols, k in zip(column_blocks(w_ref.shape[-1], dtype), ks, strict=True):
+        w_ref[:, cols] = mm(tmat, k * beta, dtype, static).astype(dtype)
     for cols in column_blocks(u_ref.shape[-1], dtype):
         u_ref[:, cols] = mm(tmat, v_ref[:, cols].astype(jnp.float32) * beta, dtype, static).astype(u_ref.dtype)
 
@@ -206,8 +208,8 @@ def _wy_apply_kernel(*refs, static: Static, with_p: bool):
 def wy_apply(k: jax.Array, v: jax.Array, beta: jax.Array, tmat: jax.Array, q, idx, *,
              static: Static, launch: Launch = Launch(4, 2)):
     """W = T (beta K), U = T (beta V) from T `[B, T, H, 64]` (k's dtype), and P = scale tril(Q K^T)
-    if q is given: the backward pass's cheap recompute. Returns W `[B, T, H, K]`, U `[B, T, H, V]` in k's dtype, then P `[B, T, H, 64]`
-    in q's dtype if q is given."""
+    if q is given: the backward pass's cheap recompute. Returns W `[B, T, H, K]`, U `[B, T, H, V]`
+    in k's dtype, then P `[B, T, H, 64]` in q's dtype if q is given."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     with_p = q is not None
