@@ -33,6 +33,7 @@ def lower_kernels(fn, *args) -> list[dict]:
     """The Triton modules of every `pallas_call` in `jax.jit(fn)` lowered for CUDA on `args` (shape
     structs): dicts of name, Triton IR text, num_warps, num_stages and grid. Hooks the Triton
     backend's lowering for the duration of the call and puts it back."""
+    from jax._src.pallas import core as pallas_core
     from jax._src.pallas.triton import pallas_call_registration as registration
 
     found, launch = [], [(4, 3)]
@@ -50,13 +51,21 @@ def lower_kernels(fn, *args) -> list[dict]:
         launch[0] = (4, 3) if params is None else (params.num_warps or 4, params.num_stages or 3)
         return lower_call(ctx, *a, compiler_params=compiler_params, **k)
 
+    # pallas_call's GPU rule finds the Triton lowering either as this module attribute at each
+    # lowering or, in JAX versions with a registry of lowerings by compiler-parameter class, there.
+    rules = getattr(pallas_core, "_backend_lowering_rules", {})
+    params_cls = next((cls for cls, (rule, _) in rules.items() if rule is lower_call), None)
     registration.lowering.lower_jaxpr_to_triton_module = module_hook
-    registration.pallas_call_lowering = call_hook   # looked up by pallas_call's GPU rule at each lowering
+    registration.pallas_call_lowering = call_hook
+    if params_cls is not None:
+        rules[params_cls] = (call_hook, rules[params_cls][1])
     try:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = lower_module
         registration.pallas_call_lowering = lower_call
+        if params_cls is not None:
+            rules[params_cls] = (lower_call, rules[params_cls][1])
     return found
 
 

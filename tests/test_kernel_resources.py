@@ -10,7 +10,9 @@ def test_forward_and_backward_kernels_lower_for_cuda(tmp_path):
     assert [k["name"] for k in forward] == ["delta_rule_wy_inverse", "delta_rule_chunk_fwd_from_t"]
     assert forward[0]["grid"] == (4, 2, 3)          # one program per (chunk, batch, head)
     assert forward[1]["grid"] == (2, 2, 3)          # one per (V-tile, batch, head): 32-wide tiles for few heads
-    assert all("tt.func" in k["ir"] and k["num_warps"] == 4 for k in forward)
+    assert all("tt.func" in k["ir"] for k in forward)
+    # the launches the op passes (2-warp inverse, 3-stage scan for 16-bit inputs), not Triton's defaults
+    assert [(k["num_warps"], k["num_stages"]) for k in forward] == [(2, 1), (4, 3)]
     unfolded = kernel_resources.op_kernels((2, 256, 3, 64), backward=False, overrides={"fold_wu": False})
     assert [k["name"] for k in unfolded] == ["delta_rule_wy_prepare", "delta_rule_chunk_fwd"]
     kernel_resources.main(["--shape", "1x128x2x32", "--backward", "--ir-only", "--out", str(tmp_path)])
@@ -28,10 +30,13 @@ def test_lowering_is_put_back():
     from jax._src.pallas import pallas_call
     from jax._src.pallas.triton import pallas_call_registration as registration
 
+    from jax._src.pallas import core as pallas_core
+
     def rules():
         return (registration.pallas_call_lowering, registration.lowering.lower_jaxpr_to_triton_module,
                 mlir._platform_specific_lowerings["cuda"].get(pallas_call.pallas_call_p),
-                mlir._lowerings.get(pallas_call.pallas_call_p))
+                mlir._lowerings.get(pallas_call.pallas_call_p),
+                dict(getattr(pallas_core, "_backend_lowering_rules", {})))
 
     before = rules()
     kernel_resources.op_kernels((1, 64, 1, 16), backward=False, overrides={})

@@ -97,21 +97,26 @@ def _chunk_a(case: str, seed: int = 4) -> np.ndarray:
 @pytest.mark.parametrize("case", ["random", "identical-keys-beta1", "identical-keys-beta2", "segments",
                                   "correlated-beta2"])
 def test_inverse_unit_lower64_matches_numpy(case):
-    """The chunk inverse (16x16 diagonal blocks by gathered substitution, then the block Neumann
-    product) against float64, exact as interpreted and with the GPU's three-bf16-product merge of
-    float32 inputs, on repeated keys with beta 1 and 2 (a reflection) and correlated keys."""
+    """The chunk inverse (16x16 diagonal blocks by gathered substitution, looped or with the
+    gathers prefetched, then the block Neumann product) against float64, exact as interpreted and
+    with the GPU's three-bf16-product merge of float32 inputs, on repeated keys with beta 1 and 2
+    (a reflection) and correlated keys. The scratch it gathers from holds NaN outside the diagonal
+    blocks: those entries must never be read."""
     from pallas_kernels.delta_rule.common import Static, inverse_unit_lower64
 
     a = _chunk_a(case)
     ref = np.linalg.inv(np.eye(64) + a)
     a32 = jnp.asarray(a, jnp.float32)
+    blocks = np.arange(64) // 16
+    scratch = jnp.asarray(np.where(blocks[:, None] == blocks[None, :], a, np.nan), jnp.float32)
     scale = max(1.0, np.abs(ref).max())
     for interpret, tol in ((True, 1e-5), (False, 2e-4)):
         static = Static(scale=1.0, qk_l2norm=False, has_segments=False, interpret=interpret)
-        t = np.asarray(inverse_unit_lower64(a32, a32, static, jnp.float32), np.float64)
-        # float32 rounding through 15 substitution steps and 4 products: a few ulps of max |T|
-        # exact; the bf16 x3 products carry ~16 significant bits (measured worst 5e-5).
-        assert np.abs(t - ref).max() <= tol * scale, (interpret, np.abs(t - ref).max())
+        for prefetch in (False, True):
+            t = np.asarray(inverse_unit_lower64(a32, scratch, static, jnp.float32, prefetch), np.float64)
+            # float32 rounding through 15 substitution steps and 4 products: a few ulps of max |T|
+            # exact; the bf16 x3 products carry ~16 significant bits (measured worst 5e-5).
+            assert np.abs(t - ref).max() <= tol * scale, (interpret, prefetch, np.abs(t - ref).max())
 
 
 @pytest.mark.parametrize("K,V", [(16, 32), (96, 80)], ids=["K16-V32", "K96-V80-column-blocks"])

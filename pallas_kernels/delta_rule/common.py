@@ -123,7 +123,7 @@ def split_dot(a: jax.Array, b: jax.Array, static: Static, dtype) -> jax.Array:
     return dot(a_hi, b_hi) + (dot(a_hi, b_lo) + dot(a_lo, b_hi))
 
 
-def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype) -> jax.Array:
+def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype, prefetch: bool = False) -> jax.Array:
     """`T = (I + A)^{-1}` (float32 `[64, 64]`) of one chunk's strictly lower-triangular `A` (float32,
     in registers and, written before a barrier, in `a_ref`).
 
@@ -132,7 +132,12 @@ def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype) -> jax.Arra
     extract it) and fills row i of each block of `D = blockdiag((I + A_dd)^{-1})` with one
     reduction. Then, with `N = D A_off` (A below the diagonal blocks: block strictly lower, so
     N^4 = 0), `T = (I + N)^{-1} D = D - N (D - N (D - N D))`: four 64x64 products (`split_dot`,
-    by the kernel's input `dtype`).
+    by the kernel's input `dtype`). `a_ref` need only hold the diagonal blocks.
+
+    With `prefetch` the 15 gathers are all issued before the first step (the loads then overlap
+    instead of each step waiting for its own), the steps unrolled: for 2-warp programs, whose
+    registers hold the gathered rows (H200, (16, 2048, 32, 64): the inverse kernel 0.73 -> 0.67 ms;
+    with 4 warps the same code ran 1.8x slower).
     """
     n = CHUNK
     rows, cols = iota2(n, n, 0), iota2(n, n, 1)
@@ -144,7 +149,15 @@ def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype) -> jax.Arra
         s = jnp.sum(g[:, None] * d, axis=0)             # s[c] = sum_j A[r, j] D[j, c], r = 16 (c // 16) + i
         return d - jnp.where(rows == col_block + i, s[None, :], 0.0)
 
-    d = jax.lax.fori_loop(1, BLOCK, body, (rows == cols).astype(jnp.float32))
+    eye = (rows == cols).astype(jnp.float32)
+    if prefetch:
+        gathered = [a_ref[(j // BLOCK) * BLOCK + i, j] for i in range(1, BLOCK)]
+        d = eye
+        for i, g in enumerate(gathered, start=1):
+            s = jnp.sum(g[:, None] * d, axis=0)
+            d = d - jnp.where(rows == col_block + i, s[None, :], 0.0)
+    else:
+        d = jax.lax.fori_loop(1, BLOCK, body, eye)
     n_mat = split_dot(d, jnp.where(rows // BLOCK > cols // BLOCK, a, 0.0), static, dtype)
     z = split_dot(n_mat, d, static, dtype)
     z = split_dot(n_mat, d - z, static, dtype)
@@ -207,5 +220,9 @@ class KernelConfig:
         # at (16, 2048, 32, 64), 0.58 -> 0.29 ms at (2, 8192, 16, 128)). The forward folds W and U
         # into its scan (H200, one run: forward 0.531 -> 0.517, 0.594 -> 0.614 and 1.307 -> 1.200 ms
         # back to back at the three benchmark shapes; NOTES.md); at K = 256 the folded scan spills
-        # three times as much, so it stays with `wy_prepare`.
-        return cls(fwd=Launch(4, 3 if one_wave else 1), state_grads=Launch(4, 3), fold_wu=True, **per_chunk)
+        # three times as much, so it stays with `wy_prepare`. For 16-bit inputs the folded scan
+        # pipelines 3 stages also over several waves (H200, (16, 2048, 32, 64): 0.39 -> 0.24 ms)
+        # and the inverse runs 2 warps with its gathers prefetched (0.79 -> 0.63 ms, NOTES.md).
+        sixteen_bit = itemsize <= 2
+        return cls(fwd=Launch(4, 3 if one_wave or sixteen_bit else 1), state_grads=Launch(4, 3), fold_wu=True,
+                   wy_inverse=Launch(2 if sixteen_bit else 4, 1), **per_chunk)

@@ -6,8 +6,9 @@
     P = scale * tril(Q K^T)          (masked to same-segment pairs; with Q given)
 
 `wy_inverse` computes the same without W and U (the forward scan then makes them from T), and
-`wy_apply` W, U and P from a saved T (the backward pass). A also goes through a float32 scratch
-output `[B, T, H, 64]`, from which the inverse's substitution gathers its rows.
+`wy_apply` W, U and P from a saved T (the backward pass). A's diagonal 16x16 blocks also go
+through a float32 scratch output `[B, T, H, 64]`, from which the inverse's substitution gathers its
+rows.
 
 Optionally writes T (`[B, T, H, C]` in k's dtype, row-major per chunk: W and U multiply it in that
 dtype anyway) for the backward pass. P is the intra-chunk attention the state scans would otherwise
@@ -22,8 +23,9 @@ import operator
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.delta_rule.common import (CHUNK, L2NORM_EPS, Launch, Static, barrier, inverse_unit_lower64, iota2,
+from pallas_kernels.delta_rule.common import (BLOCK, CHUNK, L2NORM_EPS, Launch, Static, barrier, inverse_unit_lower64, iota2,
                                               mm)
 
 
@@ -62,9 +64,10 @@ def intra_chunk_scores(q_ref, ks: list, idx, static: Static) -> jax.Array:
     return jnp.where(keep, qk, 0.0)
 
 
-def chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static: Static):
+def chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static: Static, prefetch: bool = False):
     """A = tril(diag(beta) K K^T, -1) of one chunk (masked to same-segment pairs) as one 64x64
-    product, written to the scratch `a_ref`, and T = (I + A)^{-1} by `inverse_unit_lower64`.
+    product, its 16x16 diagonal blocks written to the scratch `a_ref` (the rest of the scratch is
+    never written nor read), and T = (I + A)^{-1} by `inverse_unit_lower64` (with `prefetch`).
     Returns (T float32 `[C, C]`, k as `load_blocks` gives it, beta `[C, 1]` float32, idx or None)."""
     dtype = k_ref.dtype
     ks = load_blocks(k_ref, static)
@@ -74,9 +77,9 @@ def chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static: Static):
     if idx is not None:
         keep = keep & (idx[:, None] == idx[None, :])
     a = jnp.where(keep, _total(mm(k * beta, k, dtype, static, "nt") for k in ks), 0.0)
-    a_ref[...] = a
+    plgpu.store(a_ref, a, mask=iota2(CHUNK, CHUNK, 0) // BLOCK == iota2(CHUNK, CHUNK, 1) // BLOCK)
     barrier(static)
-    return inverse_unit_lower64(a, a_ref, static, dtype), ks, beta, idx
+    return inverse_unit_lower64(a, a_ref, static, dtype, prefetch), ks, beta, idx
 
 
 def store_wu(w_ref, u_ref, v_ref, tmat: jax.Array, ks: list, beta: jax.Array, static: Static) -> None:
@@ -151,12 +154,12 @@ def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, q=None, *, stat
     return out[:len(out_shape)]
 
 
-def _wy_inverse_kernel(*refs, static: Static, with_p: bool):
+def _wy_inverse_kernel(*refs, static: Static, with_p: bool, prefetch: bool):
     k_ref, beta_ref = refs[:2]
     q_ref = refs[2] if with_p else None
     idx_ref = refs[2 + with_p] if static.has_segments else None
     outs = refs[2 + with_p + static.has_segments:]
-    t, ks, _, idx = chunk_inverse(k_ref, beta_ref, idx_ref, outs[-1], static)
+    t, ks, _, idx = chunk_inverse(k_ref, beta_ref, idx_ref, outs[-1], static, prefetch)
     outs[0][...] = t.astype(outs[0].dtype)
     if with_p:
         outs[1][...] = intra_chunk_scores(q_ref, ks, idx, static).astype(outs[1].dtype)
@@ -168,7 +171,8 @@ def wy_inverse(k: jax.Array, beta: jax.Array, idx, q=None, *, static: Static, la
     without W and U, which the forward scan then makes chunk by chunk (`chunk_forward_from_t`).
 
     k `[B, T, H, K]`, beta `[B, T, H]`, idx `[B, T]` or None, q `[B, T, H, K]` or None, T % 64 == 0.
-    Returns T `[B, T, H, 64]` in k's dtype, then P `[B, T, H, 64]` in q's dtype if q is given."""
+    Returns T `[B, T, H, 64]` in k's dtype, then P `[B, T, H, 64]` in q's dtype if q is given.
+    Programs of at most 2 warps prefetch the inverse's gathers (`inverse_unit_lower64`)."""
     B, T, H, K = k.shape
     in_specs = [_chunk_rows(K), pl.BlockSpec((None, CHUNK, None), lambda c, b, h: (b, c, h))]
     args = [k, beta]
@@ -183,7 +187,7 @@ def wy_inverse(k: jax.Array, beta: jax.Array, idx, q=None, *, static: Static, la
         out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), q.dtype))
     scratch_shape, scratch_spec = _scratch(B, T, H)
     out = pl.pallas_call(
-        functools.partial(_wy_inverse_kernel, static=static, with_p=q is not None),
+        functools.partial(_wy_inverse_kernel, static=static, with_p=q is not None, prefetch=launch.num_warps <= 2),
         out_shape=(*out_shape, scratch_shape), grid=(T // CHUNK, B, H), in_specs=in_specs,
         out_specs=(*(_chunk_rows(CHUNK) for _ in out_shape), scratch_spec),
         interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_inverse",
