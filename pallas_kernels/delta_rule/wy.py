@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.delta_rule.common import (BLOCK, CHUNK, L2NORM_EPS, Launch, Static, barrier, inverse_unit_lower64, iota2,
-                                              mm)
+from pallas_kernels.delta_rule.common import (BLOCK, CHUNK, L2NORM_EPS, Launch, Static, barrier, inverse_unit_lower64,
+                                              iota2, mm)
 
 
 def _total(terms) -> jax.Array:
