@@ -5,6 +5,7 @@ state), bf16 inputs; regenerates the ops section of BENCHMARKS.md.
     python -m experiments.bench_ops                 # full table, writes BENCHMARKS.md
     python -m experiments.bench_ops --sweep         # also time launch choices of each kernel
     python -m experiments.bench_ops --breakdown     # also time each kernel, ours and fla's
+    python -m experiments.bench_ops --sweep --dtype float32 --skip-table --shapes 2x256x2x256   # float32 launches
     python -m experiments.bench_ops --quick --no-write   # tiny shapes, any backend (a smoke test)
     python -m experiments.bench_ops --from-json a.json b.json   # rows of earlier --json runs as one table
 """
@@ -46,10 +47,10 @@ def make_inputs(shape, seed=0):
     return q, k, v, beta, h0, do
 
 
-def jax_inputs(np_inputs) -> list:
-    """`make_inputs`'s arrays on the default device, q, k, v and dO in bf16 (beta and h0 float32)."""
+def jax_inputs(np_inputs, dtype=jnp.bfloat16) -> list:
+    """`make_inputs`'s arrays on the default device, q, k, v and dO in `dtype` (beta and h0 float32)."""
     q, k, v, beta, h0, do = (jnp.asarray(x) for x in np_inputs)
-    return [q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), beta, h0, do.astype(jnp.bfloat16)]
+    return [q.astype(dtype), k.astype(dtype), v.astype(dtype), beta, h0, do.astype(dtype)]
 
 
 def jax_fns(impl, config=None):
@@ -196,22 +197,26 @@ KERNEL_LABELS = {  # kernel -> its name in the breakdown
 }
 
 
-def kernel_calls(shape):
-    """Every Pallas kernel at `shape` as `name -> fn(launch, block_v)` on fixed random bf16 inputs
-    (each kernel's upstream results computed once), and the NumPy inputs."""
+def kernel_calls(shape, dtype=jnp.bfloat16):
+    """Every Pallas kernel at `shape` as `name -> fn(launch, block_v)` on fixed random inputs in
+    `dtype` (each kernel's upstream results computed once, with the op's launch choices), and the
+    NumPy inputs."""
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
     from pallas_kernels.delta_rule.chunk_fwd import chunk_forward, chunk_forward_from_t
-    from pallas_kernels.delta_rule.common import Static
+    from pallas_kernels.delta_rule.common import KernelConfig, Static
     from pallas_kernels.delta_rule.wy import wy_apply, wy_inverse, wy_prepare
 
     np_in = make_inputs(shape)
-    q, k, v, beta, h0, do = jax_inputs(np_in)
-    st = Static(scale=shape[-1] ** -0.5, qk_l2norm=False, has_segments=False,
+    q, k, v, beta, h0, do = jax_inputs(np_in, dtype)
+    B, _, H, D = shape
+    cf = KernelConfig.for_shape(D, D, B * H, jnp.dtype(dtype).itemsize)
+    st = Static(scale=D ** -0.5, qk_l2norm=False, has_segments=False,
                 interpret=jax.default_backend() != "gpu")
-    w, u, tm, p = wy_prepare(k, v, beta, None, q, static=st, with_t=True)
-    vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True)
-    dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st)
-    _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st)
+    w, u, tm, p = wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=cf.wy)
+    vn, _, h = chunk_forward(q, k, w, u, None, h0, static=st, states=True, block_v=cf.fwd_block_v, launch=cf.states)
+    dvn, _, dh = chunk_state_grads(q, k, w, do, p, None, None, static=st, block_v=cf.bwd_block_v,
+                                   launch=cf.state_grads)
+    _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=cf.dqkw_block_v, launch=cf.dqkw)
     calls = {
         "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L),
         "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L),
@@ -228,11 +233,12 @@ def kernel_calls(shape):
     return calls, np_in
 
 
-def sweep(shape, reps, kernels, overrides: dict | None = None):
-    """Time launch choices of each named Pallas kernel alone at one shape; prints and returns rows."""
+def sweep(shape, reps, kernels, overrides: dict | None = None, dtype=jnp.bfloat16):
+    """Time launch choices of each named Pallas kernel alone at one shape on `dtype` inputs; prints
+    and returns rows (a launch the compiler refuses, for resources say, is a NaN row and a message)."""
     from pallas_kernels.delta_rule.common import Launch
 
-    cands, _ = kernel_calls(shape)
+    cands, _ = kernel_calls(shape, dtype)
     rows = []
     for name in kernels:
         bvs, warps, stages = SWEEPS[name]
@@ -249,15 +255,16 @@ def sweep(shape, reps, kernels, overrides: dict | None = None):
     return rows
 
 
-def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | None = None) -> list:
-    """Device time of each kernel of the forward and backward passes alone at one shape, with the
-    launch choices the op uses (`KernelConfig.for_shape` with `overrides`), and of each of fla's
-    kernels when importable; prints and returns rows (impl, kernel, ms)."""
+def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | None = None,
+              dtype=jnp.bfloat16) -> list:
+    """Device time of each kernel of the forward and backward passes alone at one shape on `dtype`
+    inputs, with the launch choices the op uses (`KernelConfig.for_shape` with `overrides`), and of
+    each of fla's kernels (bf16) when importable; prints and returns rows (impl, kernel, ms)."""
     from pallas_kernels.delta_rule.common import KernelConfig
 
     B, T, H, D = shape
-    cf = dataclasses.replace(KernelConfig.for_shape(D, D, B * H), **(overrides or {}))
-    kernels, np_in = kernel_calls(shape)
+    cf = dataclasses.replace(KernelConfig.for_shape(D, D, B * H, jnp.dtype(dtype).itemsize), **(overrides or {}))
+    kernels, np_in = kernel_calls(shape, dtype)
     launches = {"wy": (cf.wy, 0), "wy_inverse": (cf.wy_inverse, 0),
                 "fwd": (cf.fwd, cf.fwd_block_v), "fwd_from_t": (cf.fwd, cf.fwd_block_v), "wy_apply": (cf.wy_apply, 0),
                 "states": (cf.states, cf.fwd_block_v), "state_grads": (cf.state_grads, cf.bwd_block_v),
@@ -366,6 +373,9 @@ def main(argv=None):
     ap.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
                     help="KernelConfig overrides for the Pallas timings, e.g. fold_wu=false"
                          " wy=8,1 (launches as WARPS,STAGES)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                    help="input dtype of --sweep and --breakdown (the table is bf16, as the protocol asks:"
+                         " other dtypes need --skip-table)")
     ap.add_argument("--no-fla", action="store_true", help="leave fla out even when it is importable")
     ap.add_argument("--skip-table", action="store_true", help="only the sweep and the breakdown, no end-to-end table")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory comparison")
@@ -387,6 +397,9 @@ def main(argv=None):
         return merged
     if args.reps < 1:
         ap.error("--reps must be >= 1")
+    if args.dtype != "bfloat16" and not args.skip_table:
+        ap.error(f"--dtype {args.dtype} applies to --sweep and --breakdown only; add --skip-table")
+    dtype = jnp.dtype(args.dtype)
     try:
         overrides = parse_config(args.config)
     except argparse.ArgumentTypeError as err:
@@ -398,15 +411,17 @@ def main(argv=None):
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     write = not (args.quick or args.no_write or args.skip_table)
     fla = None if args.quick or args.no_fla else load_fla()
-    results = dict(gpu=gpu, jax=jax.__version__, date=datetime.date.today().isoformat(), rows=[],
+    results = dict(gpu=gpu, jax=jax.__version__, date=datetime.date.today().isoformat(), rows=[], dtype=args.dtype,
                    command="python -m experiments.bench_ops" + "".join(" " + a for a in (argv or sys.argv[1:])),
                    fla=None if fla is None else fla[2])
     if args.sweep is not None:
-        results["sweep"] = [row for shape in shapes for row in sweep(shape, args.reps, args.sweep or list(SWEEPS), overrides)]
+        results["sweep"] = [row for shape in shapes
+                            for row in sweep(shape, args.reps, args.sweep or list(SWEEPS), overrides, dtype)]
         save(results, args.json)
     if args.breakdown:
         results["breakdown"] = [row for shape in shapes
-                                for row in breakdown(shape, with_fla=fla is not None, overrides=overrides)]
+                                for row in breakdown(shape, with_fla=fla is not None and dtype == jnp.bfloat16,
+                                                     overrides=overrides, dtype=dtype)]
         save(results, args.json)
     for shape in ([] if args.skip_table else shapes):
         np_in = make_inputs(shape)

@@ -23,6 +23,22 @@ def test_quick_run_with_breakdown(tmp_path):
     assert len(kernels) == 7 and all(r["ms"] > 0 for r in res["breakdown"])
 
 
+def test_float32_sweep_and_dtype_needs_skip_table(tmp_path, monkeypatch, capsys):
+    """`--dtype` times the kernels alone on float32 inputs (their setup at the op's float32 launch
+    choices); the end-to-end table stays bf16, so another dtype without --skip-table is refused."""
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--quick", "--dtype", "float32"])
+    assert "add --skip-table" in capsys.readouterr().err
+    monkeypatch.setitem(bench_ops.SWEEPS, "wy_apply", ((0,), (4,), (1,)))
+    out = tmp_path / "sweep.json"
+    bench_ops.main(["--quick", "--skip-table", "--skip-decode", "--sweep", "wy_apply", "--dtype", "float32",
+                    "--reps", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert res["dtype"] == "float32" and res["rows"] == []
+    (row,) = res["sweep"]
+    assert row["kernel"] == "wy_apply" and row["num_warps"] == 4 and row["ms"] > 0
+
+
 def test_parse_config():
     got = bench_ops.parse_config(["fold_wu=true", "wy=8,2", "fwd_block_v=32"])
     assert got == {"fold_wu": True, "wy": Launch(8, 2), "fwd_block_v": 32}
