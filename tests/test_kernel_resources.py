@@ -27,10 +27,9 @@ def test_lowering_is_put_back():
     """After the hooked lowering, pallas_call lowers through the same rules as before (no CUDA rule
     left registered over the common one, which decides on interpret mode)."""
     from jax._src.interpreters import mlir
+    from jax._src.pallas import core as pallas_core
     from jax._src.pallas import pallas_call
     from jax._src.pallas.triton import pallas_call_registration as registration
-
-    from jax._src.pallas import core as pallas_core
 
     def rules():
         return (registration.pallas_call_lowering, registration.lowering.lower_jaxpr_to_triton_module,

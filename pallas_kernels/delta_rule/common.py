@@ -144,20 +144,19 @@ def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype, prefetch: b
     col_block = (cols // BLOCK) * BLOCK
     j = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
 
-    def body(i, d):
-        g = a_ref[(j // BLOCK) * BLOCK + i, j]          # g[j] = A[16 (j // 16) + i, j]
+    def gather(i):
+        return a_ref[(j // BLOCK) * BLOCK + i, j]       # g[j] = A[16 (j // 16) + i, j]
+
+    def step(i, g, d):
         s = jnp.sum(g[:, None] * d, axis=0)             # s[c] = sum_j A[r, j] D[j, c], r = 16 (c // 16) + i
         return d - jnp.where(rows == col_block + i, s[None, :], 0.0)
 
-    eye = (rows == cols).astype(jnp.float32)
+    d = (rows == cols).astype(jnp.float32)
     if prefetch:
-        gathered = [a_ref[(j // BLOCK) * BLOCK + i, j] for i in range(1, BLOCK)]
-        d = eye
-        for i, g in enumerate(gathered, start=1):
-            s = jnp.sum(g[:, None] * d, axis=0)
-            d = d - jnp.where(rows == col_block + i, s[None, :], 0.0)
+        for i, g in enumerate([gather(i) for i in range(1, BLOCK)], start=1):
+            d = step(i, g, d)
     else:
-        d = jax.lax.fori_loop(1, BLOCK, body, eye)
+        d = jax.lax.fori_loop(1, BLOCK, lambda i, d: step(i, gather(i), d), d)
     n_mat = split_dot(d, jnp.where(rows // BLOCK > cols // BLOCK, a, 0.0), static, dtype)
     z = split_dot(n_mat, d, static, dtype)
     z = split_dot(n_mat, d - z, static, dtype)
