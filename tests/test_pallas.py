@@ -15,6 +15,7 @@ CASES = [
     pytest.param(2, 100, 1, 24, 16, True, True, True, id="T100-K24-V16-segments-h0-l2"),
     # float32 K and V past 64: the WY products go by 64-wide column blocks, the L2 norm across them
     pytest.param(1, 70, 1, 96, 80, False, True, True, id="T70-K96-V80-h0-l2-column-blocks"),
+    pytest.param(1, 64, 1, 80, 96, True, False, False, id="T64-K80-V96-segments-column-blocks"),
 ]
 
 

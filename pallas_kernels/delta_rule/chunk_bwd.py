@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.delta_rule.chunk_fwd import chunk_masks
-from pallas_kernels.delta_rule.common import (CHUNK, Launch, Static, add_segments_and_state, iota2, l2normalize,
-                                              l2normalize_bwd, load_rows, mm)
+from pallas_kernels.delta_rule.common import (CHUNK, Launch, Static, add_segments_and_state, column_blocks, iota2,
+                                              l2normalize_bwd_blocks, load_blocks, load_rows, mm, total)
 
 
 def _state_grads_kernel(*refs, static: Static, has_dht: bool, n_chunks: int):
@@ -97,31 +97,50 @@ def _dqkw_kernel(*refs, static: Static, block_v: int):
     f32 = jnp.float32
     K, V = h_ref.shape
     attend, m_in, m_last, _ = chunk_masks(idx_ref, pl.program_id(0), static)
+    k_cols = column_blocks(K, dtype)        # one block (whole rows) for 16-bit inputs
+    width = K // len(k_cols)
+    if len(k_cols) > 1:                     # the rows' norms first; each block loaded where it is used
+        q_rstd = load_blocks(q_ref, static, with_rstd=True)[1]
+        k_rstd = load_blocks(k_ref, static, with_rstd=True)[1]
+        hat = lambda ref, cols, rstd: ref[:, cols].astype(f32) if rstd is None else ref[:, cols].astype(f32) * rstd
     d_p = jnp.zeros((CHUNK, CHUNK), f32)
-    dq = jnp.zeros((CHUNK, K), f32)
-    dk = jnp.zeros((CHUNK, K), f32)
-    dw = jnp.zeros((CHUNK, K), f32)
-    for j in range(V // block_v):
-        cols = pl.ds(j * block_v, block_v)
-        do_t = do_ref[:, cols]
-        vn_t = vn_ref[:, cols]
-        dvn_t = dvn_ref[:, cols]
-        h_t = h_ref[:, cols]
-        d_p += mm(do_t, vn_t, dtype, static, "nt")
-        dq += mm(do_t if m_in is None else jnp.where(m_in, do_t, 0), h_t, dtype, static, "nt")
-        dk += mm(vn_t if m_last is None else jnp.where(m_last, vn_t, 0), dh_ref[:, cols], dtype, static, "nt")
-        dw -= mm(dvn_t if m_in is None else jnp.where(m_in, dvn_t, 0.0), h_t, dtype, static, "nt")
-    d_p = jnp.where(attend, d_p, 0.0)
-    q_raw = q_ref[...].astype(f32)
-    q_hat, q_rstd = l2normalize(q_raw) if static.qk_l2norm else (q_raw, None)
-    k_hat = load_rows(k_ref, 0, CHUNK, static.qk_l2norm)
-    dq = (dq + mm(d_p, k_hat, dtype, static)) * static.scale
-    dk += mm(d_p, q_hat * static.scale, dtype, static, "tn")
-    if static.qk_l2norm:
-        dq = l2normalize_bwd(q_hat, q_rstd, dq)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dw_ref[...] = dw.astype(dw_ref.dtype)
+    dq_blocks = []
+    for i, kc in enumerate(k_cols):         # dP = dO V'^T over V in the first pass
+        dq = jnp.zeros((CHUNK, width), f32)
+        dk = jnp.zeros((CHUNK, width), f32)
+        dw = jnp.zeros((CHUNK, width), f32)
+        for j in range(V // block_v):
+            cols = pl.ds(j * block_v, block_v)
+            do_t = do_ref[:, cols]
+            vn_t = vn_ref[:, cols]
+            dvn_t = dvn_ref[:, cols]
+            h_t = h_ref[kc, cols]
+            if i == 0:
+                d_p += mm(do_t, vn_t, dtype, static, "nt")
+            dq += mm(do_t if m_in is None else jnp.where(m_in, do_t, 0), h_t, dtype, static, "nt")
+            dk += mm(vn_t if m_last is None else jnp.where(m_last, vn_t, 0), dh_ref[kc, cols], dtype, static, "nt")
+            dw -= mm(dvn_t if m_in is None else jnp.where(m_in, dvn_t, 0.0), h_t, dtype, static, "nt")
+        if i == 0:
+            d_p = jnp.where(attend, d_p, 0.0)
+        if len(k_cols) == 1:
+            (q_hat,), q_rstd = load_blocks(q_ref, static, with_rstd=True)
+            (k_hat,) = load_blocks(k_ref, static)
+        else:
+            q_hat, k_hat = hat(q_ref, kc, q_rstd), hat(k_ref, kc, k_rstd)
+        dq = (dq + mm(d_p, k_hat, dtype, static)) * static.scale
+        dk += mm(d_p, q_hat * static.scale, dtype, static, "tn")
+        if static.qk_l2norm and len(k_cols) > 1:   # dq through the norm needs every block of the row
+            dq_blocks.append((q_hat, dq))
+        else:
+            if static.qk_l2norm:
+                (dq,) = l2normalize_bwd_blocks([q_hat], q_rstd, [dq])
+            dq_ref[:, kc] = dq.astype(dq_ref.dtype)
+        dk_ref[:, kc] = dk.astype(dk_ref.dtype)
+        dw_ref[:, kc] = dw.astype(dw_ref.dtype)
+    if dq_blocks:
+        q_hats, dqs = (list(x) for x in zip(*dq_blocks))
+        for kc, dq in zip(k_cols, l2normalize_bwd_blocks(q_hats, q_rstd, dqs), strict=True):
+            dq_ref[:, kc] = dq.astype(dq_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "block_v", "launch"))
@@ -169,25 +188,28 @@ def _wy_bwd_kernel(*refs, static: Static, block_v: int):
         tdu = mm(tmat, du_t, dtype, static, "tn")
         dv_out[:, cols] = (tdu * beta).astype(dv_out.dtype)
         db += jnp.sum(v_t * tdu, axis=1)
-    k_raw = k_ref[...].astype(f32)
-    k_hat, k_rstd = l2normalize(k_raw) if static.qk_l2norm else (k_raw, None)
-    dw = dw_ref[...]
-    d_t += mm(dw, k_hat * beta, dtype, static, "nt")
-    tdw = mm(tmat, dw, dtype, static, "tn")
-    dk = dk_ref[...].astype(f32) + tdw * beta
-    db += jnp.sum(k_hat * tdw, axis=1)
+    ks, k_rstd = load_blocks(k_ref, static, with_rstd=True)      # normalised k, by column blocks
+    k_cols = column_blocks(k_ref.shape[-1], dtype)
+    dws = [dw_ref[:, cols] for cols in k_cols]
+    d_t += total(mm(dw, k * beta, dtype, static, "nt") for dw, k in zip(dws, ks, strict=True))
+    dks = []
+    for cols, k, dw in zip(k_cols, ks, dws, strict=True):
+        tdw = mm(tmat, dw, dtype, static, "tn")
+        dks.append(dk_ref[:, cols].astype(f32) + tdw * beta)
+        db += jnp.sum(k * tdw, axis=1)
     d_a = -mm(mm(tmat, d_t, dtype, static, "tn"), tmat, dtype, static, "nt")
     keep = iota2(CHUNK, CHUNK, 0) > iota2(CHUNK, CHUNK, 1)
     if static.has_segments:
         idx = idx_ref[pl.ds(pl.program_id(0) * CHUNK, CHUNK)]
         keep = keep & (idx[:, None] == idx[None, :])
     d_a = jnp.where(keep, d_a, 0.0)
-    db += jnp.sum(d_a * mm(k_hat, k_hat, dtype, static, "nt"), axis=1)
+    db += jnp.sum(d_a * total(mm(k, k, dtype, static, "nt") for k in ks), axis=1)
     d_ab = d_a * beta
-    dk += mm(d_ab, k_hat, dtype, static) + mm(d_ab, k_hat, dtype, static, "tn")
+    dks = [dk + (mm(d_ab, k, dtype, static) + mm(d_ab, k, dtype, static, "tn")) for dk, k in zip(dks, ks, strict=True)]
     if static.qk_l2norm:
-        dk = l2normalize_bwd(k_hat, k_rstd, dk)
-    dk_out[...] = dk.astype(dk_out.dtype)
+        dks = l2normalize_bwd_blocks(ks, k_rstd, dks)
+    for cols, dk in zip(k_cols, dks, strict=True):
+        dk_out[:, cols] = dk.astype(dk_out.dtype)
     db_out[...] = db
 
 

@@ -6,6 +6,8 @@ Everything here runs inside Pallas kernels lowered through Triton (or in interpr
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import warnings
 
 import jax
@@ -103,6 +105,37 @@ def load_rows(ref, start: int, rows: int, normalize: bool = False) -> jax.Array:
     """Rows [start, start+rows) of a 2-D ref as float32, L2-normalised when asked."""
     x = ref[pl.ds(start, rows), :].astype(jnp.float32)
     return l2normalize(x)[0] if normalize else x
+
+
+def total(terms) -> jax.Array:
+    """The sum of the terms (no zero to start from: one term is that term)."""
+    return functools.reduce(operator.add, terms)
+
+
+def column_blocks(d: int, dtype) -> list:
+    """Column slices of a chunk's `[C, d]` operand for the per-chunk products: the whole width for
+    16-bit inputs; 64 wide for float32, whose 3xTF32 products of whole rows need more shared memory
+    than an SM has at d = 256 (H200: `wy_prepare` asked 240 KiB, `wy_backward` 288 KiB of 227)."""
+    width = d if jnp.dtype(dtype).itemsize < 4 else min(d, 64)
+    return [pl.ds(c, width) for c in range(0, d, width)]
+
+
+def load_blocks(ref, static: Static, with_rstd: bool = False):
+    """A chunk's rows `[C, d]` of `ref` as float32 column blocks (`column_blocks`), L2-normalised
+    over the whole row if `static.qk_l2norm`; with `with_rstd`, also the rows' 1 / norm `[C, 1]`
+    (None without normalisation)."""
+    blocks = [ref[:, cols].astype(jnp.float32) for cols in column_blocks(ref.shape[-1], ref.dtype)]
+    rstd = None
+    if static.qk_l2norm:
+        rstd = jax.lax.rsqrt(total(jnp.sum(x * x, axis=1, keepdims=True) for x in blocks) + L2NORM_EPS)
+        blocks = [x * rstd for x in blocks]
+    return (blocks, rstd) if with_rstd else blocks
+
+
+def l2normalize_bwd_blocks(x_hats: list, rstd: jax.Array, dx_hats: list) -> list:
+    """`l2normalize_bwd` of rows held as column blocks (`load_blocks`)."""
+    dot_rows = total(jnp.sum(x * dx, axis=1, keepdims=True) for x, dx in zip(x_hats, dx_hats, strict=True))
+    return [(dx - x * dot_rows) * rstd for x, dx in zip(x_hats, dx_hats, strict=True)]
 
 
 def split_dot(a: jax.Array, b: jax.Array, static: Static, dtype) -> jax.Array:
@@ -211,8 +244,9 @@ class KernelConfig:
         wide = max(k_dim, v_dim) > 64
         per_chunk = dict(dqkw=Launch(8 if wide else 4, 1), wy_bwd=Launch(4, 1), wy_apply=Launch(4 if wide else 2, 1),
                          dqkw_block_v=bv, wy_bwd_block_v=bv, fwd_block_v=scan_bv, bwd_block_v=scan_bv)
-        if k_dim > 128:
-            return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), **per_chunk)
+        if k_dim > 128:  # float32 folds: `wy_prepare` asks 240 KiB of shared memory there (H200)
+            return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), fold_wu=itemsize > 2,
+                       **per_chunk)
         if itemsize > 2 and k_dim >= 128:
             return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), fold_wu=True, **per_chunk)
         # The reverse scan pipelines its chunk loads like the forward ones (3 stages: 0.45 -> 0.38 ms

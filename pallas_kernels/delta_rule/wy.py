@@ -18,38 +18,14 @@ recompute for every V-tile.
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.delta_rule.common import (BLOCK, CHUNK, L2NORM_EPS, Launch, Static, barrier, inverse_unit_lower64,
-                                              iota2, mm)
-
-
-def _total(terms) -> jax.Array:
-    """The sum of the terms (no zero to start from: one term is that term)."""
-    return functools.reduce(operator.add, terms)
-
-
-def column_blocks(d: int, dtype) -> list:
-    """Column slices of a chunk's `[C, d]` operand for the WY products: the whole width for 16-bit
-    inputs; 64 wide for float32, whose 3xTF32 products of whole rows would need more shared memory
-    than an SM has at d = 256 (256 KiB in `experiments.kernel_resources`)."""
-    width = d if jnp.dtype(dtype).itemsize < 4 else min(d, 64)
-    return [pl.ds(c, width) for c in range(0, d, width)]
-
-
-def load_blocks(ref, static: Static) -> list:
-    """A chunk's rows `[C, d]` of `ref` as float32 column blocks (`column_blocks`), L2-normalised
-    over the whole row if `static.qk_l2norm`."""
-    blocks = [ref[:, cols].astype(jnp.float32) for cols in column_blocks(ref.shape[-1], ref.dtype)]
-    if static.qk_l2norm:
-        rstd = jax.lax.rsqrt(_total(jnp.sum(x * x, axis=1, keepdims=True) for x in blocks) + L2NORM_EPS)
-        blocks = [x * rstd for x in blocks]
-    return blocks
+from pallas_kernels.delta_rule.common import (BLOCK, CHUNK, Launch, Static, barrier, column_blocks, inverse_unit_lower64,
+                                              iota2, load_blocks, mm, total)
 
 
 def intra_chunk_scores(q_ref, ks: list, idx, static: Static) -> jax.Array:
@@ -57,7 +33,7 @@ def intra_chunk_scores(q_ref, ks: list, idx, static: Static) -> jax.Array:
     tokens of different segments (`idx [C]` or None); ks the chunk's k as `load_blocks` gives it."""
     dtype = q_ref.dtype
     qs = load_blocks(q_ref, static)
-    qk = _total(mm(q * static.scale, k, dtype, static, "nt") for q, k in zip(qs, ks, strict=True))
+    qk = total(mm(q * static.scale, k, dtype, static, "nt") for q, k in zip(qs, ks, strict=True))
     keep = iota2(CHUNK, CHUNK, 0) >= iota2(CHUNK, CHUNK, 1)
     if idx is not None:
         keep = keep & (idx[:, None] == idx[None, :])
@@ -76,7 +52,7 @@ def chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static: Static, prefetch: boo
     idx = idx_ref[...] if static.has_segments else None
     if idx is not None:
         keep = keep & (idx[:, None] == idx[None, :])
-    a = jnp.where(keep, _total(mm(k * beta, k, dtype, static, "nt") for k in ks), 0.0)
+    a = jnp.where(keep, total(mm(k * beta, k, dtype, static, "nt") for k in ks), 0.0)
     plgpu.store(a_ref, a, mask=iota2(CHUNK, CHUNK, 0) // BLOCK == iota2(CHUNK, CHUNK, 1) // BLOCK)
     barrier(static)
     return inverse_unit_lower64(a, a_ref, static, dtype, prefetch), ks, beta, idx
