@@ -13,6 +13,9 @@ the recomputed incoming states h, V', dV', dS and T = (I + A)^{-1} into dq, dk, 
     dQ = dO h^T + M(dO V'^T) K,   dK = M(dO V'^T)^T Q + V' dS^T,   dW = -dV' h^T      (chunk_dqkw)
     dT = dW (beta K)^T + dV' (beta V)^T,   dA = -T^T dT T^T   (strictly lower, same segment)
     d(beta K) = T^T dW,  d(beta V) = T^T dV',  A = diag(beta) K K^T                  (wy_backward)
+
+Both multiply whole rows of K for 16-bit inputs and 64-wide column blocks of K for float32
+(`column_blocks`: whole rows of 3xTF32 products overflow an SM's shared memory at K = 256).
 """
 
 from __future__ import annotations

@@ -96,11 +96,6 @@ def l2normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x * rstd, rstd
 
 
-def l2normalize_bwd(x_hat: jax.Array, rstd: jax.Array, dx_hat: jax.Array) -> jax.Array:
-    """Gradient through `l2normalize`: `(dx_hat - x_hat <x_hat, dx_hat>) * rstd`."""
-    return (dx_hat - x_hat * jnp.sum(x_hat * dx_hat, axis=1, keepdims=True)) * rstd
-
-
 def load_rows(ref, start: int, rows: int, normalize: bool = False) -> jax.Array:
     """Rows [start, start+rows) of a 2-D ref as float32, L2-normalised when asked."""
     x = ref[pl.ds(start, rows), :].astype(jnp.float32)
@@ -133,7 +128,8 @@ def load_blocks(ref, static: Static, with_rstd: bool = False):
 
 
 def l2normalize_bwd_blocks(x_hats: list, rstd: jax.Array, dx_hats: list) -> list:
-    """`l2normalize_bwd` of rows held as column blocks (`load_blocks`)."""
+    """Gradient through `l2normalize` of rows held as column blocks (`load_blocks`):
+    `(dx_hat - x_hat <x_hat, dx_hat>) * rstd`, the dot over the whole row."""
     dot_rows = total(jnp.sum(x * dx, axis=1, keepdims=True) for x, dx in zip(x_hats, dx_hats, strict=True))
     return [(dx - x * dot_rows) * rstd for x, dx in zip(x_hats, dx_hats, strict=True)]
 

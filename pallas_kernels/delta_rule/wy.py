@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.delta_rule.common import (BLOCK, CHUNK, Launch, Static, barrier, column_blocks, inverse_unit_lower64,
-                                              iota2, load_blocks, mm, total)
+from pallas_kernels.delta_rule.common import (BLOCK, CHUNK, Launch, Static, barrier, column_blocks,
+                                              inverse_unit_lower64, iota2, load_blocks, mm, total)
 
 
 def intra_chunk_scores(q_ref, ks: list, idx, static: Static) -> jax.Array:
