@@ -240,11 +240,10 @@ class KernelConfig:
         wide = max(k_dim, v_dim) > 64
         per_chunk = dict(dqkw=Launch(8 if wide else 4, 1), wy_bwd=Launch(4, 1), wy_apply=Launch(4 if wide else 2, 1),
                          dqkw_block_v=bv, wy_bwd_block_v=bv, fwd_block_v=scan_bv, bwd_block_v=scan_bv)
-        if k_dim > 128:  # float32 folds: `wy_prepare` asks 240 KiB of shared memory there (H200)
-            return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), fold_wu=itemsize > 2,
-                       **per_chunk)
-        if itemsize > 2 and k_dim >= 128:
+        if itemsize > 2 and k_dim >= 128:  # float32 folds also at K = 256, where `wy_prepare` asks 240 KiB (H200)
             return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), fold_wu=True, **per_chunk)
+        if k_dim > 128:
+            return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), **per_chunk)
         # The reverse scan pipelines its chunk loads like the forward ones (3 stages: 0.45 -> 0.38 ms
         # at (16, 2048, 32, 64), 0.58 -> 0.29 ms at (2, 8192, 16, 128)). The forward folds W and U
         # into its scan (H200, one run: forward 0.531 -> 0.517, 0.594 -> 0.614 and 1.307 -> 1.200 ms

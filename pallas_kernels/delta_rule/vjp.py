@@ -1,8 +1,8 @@
 """`chunk_delta_rule`: the Pallas chunked delta rule with a custom VJP.
 
 Forward: `wy_inverse` (T = (I + A)^{-1} and P = scale tril(Q K^T) per chunk, parallel) then
-`chunk_forward_from_t` (the state scan, making W and U chunk by chunk from T); or, for K > 128,
-`wy_prepare` (T, W, U and P) then `chunk_forward` (KernelConfig.fold_wu). Saved for the
+`chunk_forward_from_t` (the state scan, making W and U chunk by chunk from T); or, for 16-bit
+inputs with K > 128, `wy_prepare` (T, W, U and P) then `chunk_forward` (KernelConfig.fold_wu). Saved for the
 backward pass: the inputs and T (`[B, T, H, 64]` in the inputs' dtype: O(T * C) per head).
 The backward pass recomputes W, U and P from T (`wy_apply`), the state entering each chunk and V'
 (`chunk_forward(states=True)`), runs the reverse state scan (`chunk_state_grads`) and finishes with
