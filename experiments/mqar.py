@@ -6,16 +6,18 @@ The DeltaNet paper's setting (from Zoology): vocabulary 8192, sequences of 512 t
 key-value pairs, two-layer models with two heads and no short convolution, model dimension in
 {64, 128, 256, 512}. Three token mixers share everything else (SwiGLU MLPs, RMSNorm, the LM head):
 DeltaNet, softmax attention on both layers (Transformer++) and vanilla linear attention
-(`mixer="linear"`). Each (model, dimension) cell sweeps learning rates and keeps the best test
-accuracy (fraction of query positions answered right).
+(`mixer="linear"`). Each (model, dimension) cell trains at its model's learning rate (or sweeps
+`--lrs` and keeps the best test accuracy: the fraction of query positions answered right).
 
 The budget is smaller than Zoology's (stated in the output): a fixed pool of training examples
 visited for at most `--max-steps` updates per run, evaluation every `--eval-every` updates on a
 separate test set, early stop once test accuracy reaches `--target` (0.99). A cell that reaches
-the target skips its remaining learning rates (best accuracy cannot improve much on a stopped
-run). The sweep goes one learning rate at a time over all cells, so a `--time-limit` cut leaves
-every cell with a result. Writes to --out: `mqar_runs.csv` (every run), `mqar.csv` (best per cell),
-`mqar.png` (best accuracy against model dimension per model) and `mqar_setting.json`.
+the target skips its remaining learning rates. `--time-limit` is shared out as the runs go: each
+run may use an equal share of the time left among the runs still to come. On a GPU the cells train
+side by side, one process each (`--workers`), every process with the whole time limit for its
+cells: the small models leave most of the GPU idle. Writes to --out: `mqar_runs.csv` (every run),
+`mqar.csv` (best per cell), `mqar.png` (best accuracy against model dimension per model) and
+`mqar_setting.json`.
 `--train-mix` trains on a mixture of easier tasks padded to the sequence length, as Zoology does
 (the default trains on the test task alone).
 
@@ -32,6 +34,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,21 +57,39 @@ class Setting:
     short_conv: bool = False  # the paper's setting has none
     models: tuple[str, ...] = MODELS
     dims: tuple[int, ...] = (64, 128, 256, 512)
-    lrs: tuple[float, ...] = (3e-3, 1e-3, 1e-2)
+    # None: each model's own learning rate (DEFAULT_LRS); a tuple: these, in order, for every model
+    lrs: tuple[float, ...] | None = None
     batch_size: int = 64
-    train_examples: int = 20_000
+    train_examples: int = 100_000
     test_examples: int = 1_024
-    max_steps: int = 1_500
-    warmup_steps: int = 50
-    eval_every: int = 100
+    max_steps: int = 30_000
+    warmup_steps: int = 200
+    eval_every: int = 500
     weight_decay: float = 0.1
     target: float = 0.99
-    time_limit: float = 540.0  # seconds for the whole grid: a run going past it stops, later ones do not start
+    time_limit: float = 540.0  # seconds for the whole grid, shared out among the runs still to come
     seed: int = 0
     implementation: str | None = None  # delta-rule kernel (None: pallas on GPU, chunked elsewhere)
     # Training pool as Zoology trains: (seq_len, num_kv_pairs, share) tasks, shorter ones padded at the
     # end to seq_len; () trains on the test task alone. Test examples are always (seq_len, num_kv_pairs).
     train_mix: tuple[tuple[int, int, float], ...] = ()
+    # (model, dim) cells to train, () for the whole models x dims grid (a worker process's share)
+    cells: tuple[tuple[str, int], ...] = ()
+    workers: int = 1  # processes training cells at once (one device shared); see run_parallel
+
+    def lrs_for(self, model: str) -> tuple[float, ...]:
+        """The learning rates tried for `model`, in order."""
+        return self.lrs if self.lrs is not None else DEFAULT_LRS[model]
+
+    def grid(self) -> list[tuple[str, int]]:
+        """The (model, dim) cells trained, in grid order."""
+        every = [(m, d) for m in self.models for d in self.dims]
+        return [c for c in every if c in set(self.cells)] if self.cells else every
+
+    @property
+    def label_slots(self) -> int:
+        """Labelled positions per row at most (the most pairs of any task): the loss's logits."""
+        return max([self.num_kv_pairs] + [pairs for _, pairs, _ in self.train_mix])
 
     def task(self, seq_len: int | None = None, num_kv_pairs: int | None = None):
         """The MQARConfig of this setting's test task, or of a (seq_len, num_kv_pairs) variant of it."""
@@ -87,11 +108,18 @@ class Setting:
 
     def budget_text(self) -> str:
         epochs = self.max_steps * self.batch_size / self.train_examples
+        if self.lrs is not None:
+            lrs = ", ".join(f"{lr:g}" for lr in self.lrs)
+        else:
+            lrs = "; ".join(f"{MODEL_LABELS[m]} {', '.join(f'{lr:g}' for lr in DEFAULT_LRS[m])}" for m in self.models)
+        where = (f"{self.workers} processes sharing the device, each training its cells" if self.workers > 1
+                 else "one process")
         return (f"budget per run: at most {self.max_steps} updates of {self.batch_size} sequences "
                 f"({epochs:.1f} epochs of {self.train_examples} training examples), warmup {self.warmup_steps}, "
                 f"cosine decay to lr/10, test accuracy on {self.test_used} examples every {self.eval_every} "
-                f"updates, early stop at {self.target}; learning rates {', '.join(f'{lr:g}' for lr in self.lrs)} "
-                f"(a cell that reaches the target skips the rest); the grid stops at {self.time_limit:.0f} s")
+                f"updates, early stop at {self.target}; learning rates {lrs} "
+                f"(a cell that reaches the target skips the rest); {self.time_limit:.0f} s in {where}, each run "
+                f"stopped at its equal share of the time left")
 
     @property
     def test_used(self) -> int:
@@ -103,6 +131,11 @@ class Setting:
         return (f"MQAR: vocab {self.vocab_size}, seq len {self.seq_len}, {self.num_kv_pairs} key-value pairs, "
                 f"power a={self.power_a}; {self.num_layers} layers, {self.num_heads} heads, {conv}")
 
+
+# Learning rates by model (H200, d = 128, README "MQAR"): DeltaNet left chance after ~9,000 updates
+# at 3e-3 and ~18,000 at 1e-3; attention solved the task by 3,000 updates at 1e-3 and sat at chance
+# for 10,000 at 3e-3.
+DEFAULT_LRS = {"deltanet": (3e-3,), "linear": (3e-3,), "attention": (1e-3,)}
 
 QUICK = dict(vocab_size=64, seq_len=64, num_kv_pairs=8, short_conv=True, dims=(16, 32), lrs=(3e-3,),
              batch_size=32, train_examples=4_000, test_examples=256, max_steps=300, warmup_steps=20,
@@ -156,7 +189,7 @@ class Cell:
 
         from deltanet_jax.model import DeltaNetForCausalLM, num_params
         from deltanet_jax.train.optimizer import make_optimizer
-        from deltanet_jax.train.step import init_train_state, make_eval_step, make_train_step
+        from deltanet_jax.train.step import init_train_state, labelled_rows, make_eval_step, make_train_step
 
         self.model, self.dim, self.s = model, dim, s
         self.config = model_config(model, dim, s)
@@ -172,14 +205,16 @@ class Cell:
         model0 = self._build(s.seed)
         self.params = num_params(model0)
         graphdef, _ = init_train_state(model0, self.tx_for(1.0))
-        self.train_step = make_train_step(graphdef, self.tx_for(1.0))
-        self.eval_step = make_eval_step(graphdef)
+        slots = s.label_slots  # logits only at the query positions: the same loss, 1/4 to 1/8 of the work
+        self.train_step = make_train_step(graphdef, self.tx_for(1.0), label_slots=slots)
+        self.eval_step = make_eval_step(graphdef, label_slots=slots)
 
         @jax.jit
         def correct(state, batch):
-            logits = nnx.merge(graphdef, state.params, state.other)(batch["inputs"])
-            mask = batch["targets"] >= 0
-            hit = (jnp.argmax(logits, axis=-1) == batch["targets"]) & mask
+            model = nnx.merge(graphdef, state.params, state.other)
+            targets = batch["targets"]
+            h, targets, mask = labelled_rows(model.hidden(batch["inputs"]), targets, targets >= 0, slots)
+            hit = (jnp.argmax(model.project(h, model.head_weight()), axis=-1) == targets) & mask
             return hit.sum(), mask.sum()
 
         self.correct = correct
@@ -277,23 +312,47 @@ def train_run(cell: Cell, lr: float, train, test_batches, log: Callable[[str], N
     return result
 
 
-def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print) -> list[RunResult]:
-    """Train the whole grid; write the CSVs, the plot and the setting; return every run."""
+def schedule(s: Setting) -> list[tuple[str, int, float]]:
+    """Every run (model, dim, lr) in training order: first learning rates of all cells, then second
+    ones, and so on."""
+    cells = s.grid()
+    passes = max(len(s.lrs_for(m)) for m, _ in cells)
+    return [(m, d, s.lrs_for(m)[i]) for i in range(passes) for m, d in cells if i < len(s.lrs_for(m))]
+
+
+def _runs_left(order: list[tuple[str, int, float]], position: int, solved: set) -> int:
+    """Runs of `order` from `position` on, those of the cells in `solved` left out."""
+    return sum((m, d) not in solved for m, d, _ in order[position:])
+
+
+def _check_grid(s: Setting) -> None:
+    """Refuse bad models / dims before any work."""
+    for m in s.models:
+        model_config(m, s.dims[0], s)
+    for d in s.dims:
+        model_config(s.models[0], d, s)
+
+
+def _log_header(s: Setting, log: Callable[[str], None], device: str) -> None:
+    log(f"{s.task_text()}")
+    log(f"{s.mix_text()}")
+    log(f"{s.budget_text()}")
+    log(f"device: {device}")
+
+
+def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print, header: bool = True) -> list[RunResult]:
+    """Train the cells of `s` in this process; write the CSVs, the plot and the setting; return every run."""
     import jax
 
     from deltanet_jax.data.synthetic import multiquery_ar
 
     task = s.task()
-    for m in s.models:
-        model_config(m, s.dims[0], s)  # refuse bad models / dims before any work
-    for d in s.dims:
-        model_config(s.models[0], d, s)
+    _check_grid(s)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]
-    log(f"{s.task_text()}")
-    log(f"{s.mix_text()}")
-    log(f"{s.budget_text()}")
-    log(f"device: {device.platform} ({device.device_kind})")
+    device_text = f"{device.platform} ({device.device_kind})"
+    if header:
+        _log_header(s, log, device_text)
     t_start = time.perf_counter()
     train = training_pool(s)
     test_inputs, test_targets = multiquery_ar(s.test_examples, task, seed=s.seed + 10_000)
@@ -301,43 +360,114 @@ def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print) -> l
                     for i in range(0, s.test_examples - s.batch_size + 1, s.batch_size)]
     if not test_batches:
         raise ValueError(f"test_examples={s.test_examples} must be at least batch_size={s.batch_size}")
-    log(f"data: {s.train_examples} training and {s.test_used} test examples "
-        f"generated in {time.perf_counter() - t_start:.1f} s")
+    if header:
+        log(f"data: {s.train_examples} training and {s.test_used} test examples "
+            f"generated in {time.perf_counter() - t_start:.1f} s")
 
     cells: dict[tuple[str, int], Cell] = {}
-    results = {(m, d, lr): RunResult(m, d, lr) for m in s.models for d in s.dims for lr in s.lrs}
+    order = schedule(s)
+    results = {run: RunResult(*run) for run in order}
     solved: set[tuple[str, int]] = set()
-    for lr in s.lrs:  # one learning rate at a time over all cells
-        for m in s.models:
-            for d in s.dims:
-                r = results[(m, d, lr)]
-                if (m, d) in solved:
-                    r.status = "skipped (target reached)"
-                    continue
-                if time.perf_counter() - t_start > s.time_limit:
-                    r.status = "not run (time limit)"
-                    continue
-                if (m, d) not in cells:
-                    t0 = time.perf_counter()
-                    cells[(m, d)] = Cell(m, d, s)
-                    log(f"[{m} d={d}] {cells[(m, d)].params:,} parameters (built in {time.perf_counter() - t0:.1f} s)")
-                r = train_run(cells[(m, d)], lr, train, test_batches, log, deadline=t_start + s.time_limit)
-                r.params = cells[(m, d)].params
-                results[(m, d, lr)] = r
-                if r.status == "reached target":
-                    solved.add((m, d))
-        # free compiled steps of solved cells early
-        for key in solved:
-            cells.pop(key, None)
+    for position, (m, d, lr) in enumerate(order):  # one learning rate at a time over all cells
+        r = results[(m, d, lr)]
+        if (m, d) in solved:
+            r.status = "skipped (target reached)"
+            cells.pop((m, d), None)  # free a solved cell's compiled steps
+            continue
+        now = time.perf_counter()
+        if now - t_start > s.time_limit:
+            r.status = "not run (time limit)"
+            continue
+        # this run's share of the time left: the runs still to come share it equally, and time a
+        # run leaves unused (early stop, a solved cell's skipped runs) passes on
+        share = (t_start + s.time_limit - now) / _runs_left(order, position, solved)
+        if (m, d) not in cells:
+            cells[(m, d)] = Cell(m, d, s)
+            log(f"[{m} d={d}] {cells[(m, d)].params:,} parameters (built in {time.perf_counter() - now:.1f} s)")
+        r = train_run(cells[(m, d)], lr, train, test_batches, log, deadline=now + share)
+        r.params = cells[(m, d)].params
+        results[(m, d, lr)] = r
+        if r.status == "reached target":
+            solved.add((m, d))
     runs = list(results.values())
     for r in runs:
         if not r.params:
             r.params = _param_count(r.model, r.dim, s)
+    _finish(s, out_dir, runs, time.perf_counter() - t_start, device_text, log, table=header)
+    return runs
+
+
+def _finish(s: Setting, out_dir: Path, runs: list[RunResult], seconds: float, device: str,
+            log: Callable[[str], None], table: bool = True) -> None:
     best = best_per_cell(runs, s)
-    write_outputs(out_dir, s, runs, best, time.perf_counter() - t_start, f"{device.platform} ({device.device_kind})")
-    log(f"total {time.perf_counter() - t_start:.0f} s")
-    log(format_table(best, s))
-    log(f"wrote {out_dir / 'mqar.csv'}, {out_dir / 'mqar_runs.csv'}, {out_dir / 'mqar.png'}")
+    write_outputs(out_dir, s, runs, best, seconds, device)
+    if table:
+        log(f"total {seconds:.0f} s")
+        log(format_table(best, s))
+        log(f"wrote {out_dir / 'mqar.csv'}, {out_dir / 'mqar_runs.csv'}, {out_dir / 'mqar.png'}")
+
+
+def _setting_json(s: Setting) -> str:
+    return json.dumps(dataclasses.asdict(s))
+
+
+def setting_from_json(text: str) -> Setting:
+    """The Setting `_setting_json` wrote (lists back to tuples)."""
+    raw = json.loads(text)
+    tup = lambda x: tuple(tup(v) for v in x) if isinstance(x, list) else x  # noqa: E731
+    return Setting(**{k: tup(v) for k, v in raw.items()})
+
+
+def read_runs(path: Path) -> list[RunResult]:
+    """The runs of an `mqar_runs.csv`."""
+    with path.open(newline="") as f:
+        return [RunResult(model=row["model"], dim=int(row["dim"]), lr=float(row["lr"]), params=int(row["params"]),
+                          steps=int(row["steps"]), accuracy=float(row["accuracy"]), test_loss=float(row["test_loss"]),
+                          seconds=float(row["seconds"]), status=row["status"]) for row in csv.DictReader(f)]
+
+
+def run_parallel(s: Setting, out_dir: Path, log: Callable[[str], None] = print) -> list[RunResult]:
+    """Train the grid in `s.workers` processes at once, each with the whole time limit for its share
+    of the cells (dealt round-robin, so every process gets a mix of models and sizes), then merge
+    their runs into one set of outputs. Small models leave most of a GPU idle, so running cells side
+    by side gives each of them more updates in the same time."""
+    import subprocess
+
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the processes share one device
+    import jax
+
+    _check_grid(s)
+    cells = s.grid()
+    workers = min(s.workers, len(cells))
+    groups = [cells[i::workers] for i in range(workers)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = jax.devices()[0]
+    device_text = f"{device.platform} ({device.device_kind})"
+    _log_header(dataclasses.replace(s, workers=workers), log, device_text)
+    t_start = time.perf_counter()
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    procs = []
+    for i, group in enumerate(groups):
+        sub = dataclasses.replace(s, cells=tuple(group), workers=1)
+        cmd = [sys.executable, "-m", "experiments.mqar", "--worker-setting", _setting_json(sub),
+               "--out", str(out_dir / "workers" / f"{i}")]
+        log(f"process {i}: " + ", ".join(f"{m} d={d}" for m, d in group))
+        procs.append(subprocess.Popen(cmd, env=env))
+    failed = [(i, rc) for i, p in enumerate(procs) if (rc := p.wait()) != 0]
+    runs = []
+    for i, group in enumerate(groups):
+        path = out_dir / "workers" / f"{i}" / "mqar_runs.csv"
+        if path.is_file():
+            runs += read_runs(path)
+        else:
+            runs += [RunResult(m, d, lr, params=_param_count(m, d, s), status="failed")
+                     for m, d, lr in schedule(dataclasses.replace(s, cells=tuple(group)))]
+    by_key = {(r.model, r.dim, r.lr): r for r in runs}
+    runs = [by_key[run] for run in schedule(s) if run in by_key]
+    _finish(s, out_dir, runs, time.perf_counter() - t_start, device_text, log)
+    if failed:
+        raise RuntimeError("MQAR worker processes failed (process, exit status): "
+                           + ", ".join(f"{i}: {rc}" for i, rc in failed) + "; their cells are marked failed")
     return runs
 
 
@@ -352,13 +482,12 @@ def _param_count(model: str, dim: int, s: Setting) -> int:
 def best_per_cell(runs: list[RunResult], s: Setting) -> list[RunResult]:
     """The run with the highest accuracy of each (model, dim), in grid order (NaN when none ran)."""
     best = []
-    for m in s.models:
-        for d in s.dims:
-            cell = [r for r in runs if r.model == m and r.dim == d and math.isfinite(r.accuracy)]
-            if cell:
-                best.append(max(cell, key=lambda r: (r.accuracy, -r.steps)))
-            else:
-                best.append(next(r for r in runs if r.model == m and r.dim == d))
+    for m, d in s.grid():
+        cell = [r for r in runs if r.model == m and r.dim == d and math.isfinite(r.accuracy)]
+        if cell:
+            best.append(max(cell, key=lambda r: (r.accuracy, -r.steps)))
+        else:
+            best.append(next(r for r in runs if r.model == m and r.dim == d))
     return best
 
 
@@ -479,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU-sized setting: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--models", type=_models, help=f"comma-separated subset of {', '.join(MODELS)} (default all)")
     p.add_argument("--dims", type=_int_list, help="model dimensions (default 64,128,256,512)")
-    p.add_argument("--lrs", type=_float_list, help="learning rates in the order tried (default 3e-3,1e-3,1e-2)")
+    p.add_argument("--lrs", type=_float_list, help="learning rates in the order tried, for every model, e.g. "
+                   "3e-3,1e-2 (default: 3e-3 for DeltaNet and linear attention, 1e-3 for attention)")
     defaults = Setting()
     for name, kind in (("vocab-size", int), ("seq-len", int), ("num-kv-pairs", int), ("batch-size", int),
                        ("train-examples", int), ("test-examples", int), ("max-steps", int), ("warmup-steps", int),
@@ -494,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give DeltaNet and linear attention their short convolutions (the paper's setting has none)")
     p.add_argument("--implementation", choices=("chunked", "recurrent", "pallas"),
                    help="delta-rule kernel (default: pallas on GPU, chunked elsewhere)")
+    p.add_argument("--workers", type=int, help="processes training cells at once, sharing the device (default: "
+                                               "one per cell on a GPU, 1 elsewhere)")
+    p.add_argument("--worker-setting", help=argparse.SUPPRESS)  # a worker process's Setting, as JSON
     return p
 
 
@@ -512,6 +645,8 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
         raise ValueError("warmup-steps, seed and weight-decay must be >= 0")
     if s.train_examples < s.batch_size or s.test_examples < s.batch_size:
         raise ValueError(f"train-examples and test-examples must be at least batch-size ({s.batch_size})")
+    if s.workers < 1:
+        raise ValueError(f"workers must be >= 1, got {s.workers}")
     if not 0 < s.target <= 1:
         raise ValueError(f"target must be in (0, 1], got {s.target}")
     s.task()
@@ -528,13 +663,24 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if args.worker_setting:
+        return run_grid(setting_from_json(args.worker_setting), args.out, log=log, header=False)
     try:
         s = setting_from_args(args)
     except ValueError as err:
         parser.error(str(err))
     if args.quick:
         print("--quick: a CPU-sized version of the paper's setting (values below)")
-    return run_grid(s, args.out, log=lambda msg: print(msg, flush=True))
+    if args.workers is None:
+        # asking for the backend starts it: without preallocation, so the workers find the memory free
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        import jax
+
+        s = dataclasses.replace(s, workers=len(s.grid()) if jax.default_backend() == "gpu" else 1)
+    if s.workers > 1:
+        return run_parallel(s, args.out, log=log)
+    return run_grid(s, args.out, log=log)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 import csv
 import re
 
+import time
+
 import numpy as np
 import pytest
 
@@ -193,6 +195,25 @@ def test_mqar_grid_skips_solved_cells_and_respects_time_limit(tmp_path, monkeypa
     assert float(best[("deltanet", "16")]["accuracy"]) == 1.0
     assert float(best[("linear", "32")]["lr"]) == 1e-2  # 0.26 beats 0.251
 
+    # each run's deadline is an equal share of the time left among the runs still to come: the time
+    # an early run leaves unused passes on, and a solved cell's later runs take no share
+    clock, deadlines = [0.0], []
+
+    def timed_run(cell, lr, train, test_batches, log, deadline):
+        deadlines.append(deadline)
+        clock[0] += 10.0  # every run takes 10 s
+        return fake_run(cell, lr, train, test_batches, log, deadline)
+
+    real_clock = time.perf_counter
+    monkeypatch.setattr(mqar, "train_run", timed_run)
+    monkeypatch.setattr(mqar.time, "perf_counter", lambda: clock[0])
+    mqar.run_grid(dataclass_replace(s, time_limit=1000.0), tmp_path / "share", log=lambda m: None)
+    # order: 1e-2 then 1e-3, each over (deltanet, linear) x (16, 32); deltanet solves at 1e-2
+    expected = [0 + 1000 / 8, 10 + 990 / 6, 20 + 980 / 4, 30 + 970 / 3, 40 + 960 / 2, 50 + 950 / 1]
+    assert deadlines == pytest.approx(expected)
+    monkeypatch.setattr(mqar, "train_run", fake_run)
+    monkeypatch.setattr(mqar.time, "perf_counter", real_clock)
+
     s = dataclass_replace(s, time_limit=0.0)
     runs = mqar.run_grid(s, tmp_path / "cut", log=lambda m: None)
     assert all(r.status == "not run (time limit)" for r in runs)
@@ -236,3 +257,42 @@ def test_mqar_refuses_bad_arguments(argv, match, capsys, tmp_path):
     assert err.value.code == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+def test_mqar_workers_train_cells_side_by_side_and_merge(tmp_path, monkeypatch):
+    """--workers: cells dealt round-robin to processes that each train theirs with the whole time
+    limit; their runs merge into one set of outputs in grid order. A process that fails marks its
+    cells failed and raises, after the others' results are written."""
+    from experiments import mqar
+
+    args = ["--models", "deltanet,linear", "--dims", "16,24", "--vocab-size", "32", "--seq-len", "16",
+            "--num-kv-pairs", "2", "--batch-size", "4", "--train-examples", "16", "--test-examples", "8",
+            "--max-steps", "2", "--eval-every", "1", "--warmup-steps", "1", "--time-limit", "300", "--workers", "2"]
+    runs = mqar.main(args + ["--out", str(tmp_path / "ok")])
+    assert [(r.model, r.dim) for r in runs] == [("deltanet", 16), ("deltanet", 24), ("linear", 16), ("linear", 24)]
+    assert all(r.steps == 2 and np.isfinite(r.accuracy) and r.status == "budget spent" for r in runs)
+    assert [r.lr for r in runs] == [3e-3] * 4
+    best = _read(tmp_path / "ok" / "mqar.csv")
+    assert [(b["model"], b["dim"]) for b in best] == [("deltanet", "16"), ("deltanet", "24"), ("linear", "16"),
+                                                      ("linear", "24")]
+    # round-robin: process 0 holds deltanet d=16 and linear d=16, process 1 the two d=24 cells
+    worker0 = _read(tmp_path / "ok" / "workers" / "0" / "mqar_runs.csv")
+    assert [(w["model"], w["dim"]) for w in worker0] == [("deltanet", "16"), ("linear", "16")]
+    assert (tmp_path / "ok" / "mqar.png").is_file()
+
+    monkeypatch.setattr(mqar.sys, "executable", "false")  # every worker exits with status 1
+    with pytest.raises(RuntimeError, match="worker processes failed"):
+        mqar.main(args + ["--out", str(tmp_path / "bad")])
+    assert {b["status"] for b in _read(tmp_path / "bad" / "mqar.csv")} == {"failed"}
+
+
+def test_mqar_learning_rates_by_model():
+    from experiments import mqar
+
+    s = mqar.Setting(dims=(64,))
+    assert s.lrs_for("deltanet") == (3e-3,) and s.lrs_for("attention") == (1e-3,)
+    assert mqar.schedule(s) == [("deltanet", 64, 3e-3), ("linear", 64, 3e-3), ("attention", 64, 1e-3)]
+    s = mqar.Setting(dims=(64,), models=("attention", "deltanet"), lrs=(1e-2, 1e-3))
+    assert mqar.schedule(s) == [("attention", 64, 1e-2), ("deltanet", 64, 1e-2), ("attention", 64, 1e-3),
+                                ("deltanet", 64, 1e-3)]
+    assert mqar.Setting(num_kv_pairs=8, train_mix=((16, 2, 1.0), (64, 12, 1.0))).label_slots == 12

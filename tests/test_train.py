@@ -373,3 +373,32 @@ def test_run_dir_plans(tmp_path):
     (same / "config.json").write_text("{not json")
     with pytest.raises(RunDirError, match="cannot be read"):
         plan_run_dir(same, cfg)
+
+
+def test_label_slots_give_the_same_training_step_on_sparse_targets():
+    """Logits only at the labelled positions (recall tasks): the same loss and update as the full
+    loss when every row has at most `label_slots` labels; rows with fewer are padded and uncounted."""
+    from deltanet_jax.train.step import labelled_rows
+
+    graphdef, tx, state = _sgd_state()
+    rng = np.random.default_rng(5)
+    window = rng.integers(0, 256, (3, 13)).astype(np.int32)
+    labelled = np.zeros((3, 12), bool)
+    labelled[0, [1, 4, 11]] = True
+    labelled[1, [0, 7]] = True  # fewer than the slots
+    labelled[2, [2, 3, 9]] = True
+    batch = {"inputs": window[:, :-1], "targets": np.where(labelled, window[:, 1:], -100).astype(np.int32)}
+    full, m1 = make_train_step(graphdef, tx)(jax.tree.map(jnp.copy, state), batch)
+    sparse, m2 = make_train_step(graphdef, tx, label_slots=3, loss_chunk=2)(jax.tree.map(jnp.copy, state), batch)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
+    _assert_same_params(sparse, full)
+    s1, c1 = make_eval_step(graphdef)(state, batch)
+    s2, c2 = make_eval_step(graphdef, label_slots=3)(state, batch)
+    assert float(c1) == float(c2) == 8
+    np.testing.assert_allclose(float(s2), float(s1), rtol=1e-6)
+
+    h = jnp.arange(3 * 12, dtype=jnp.float32).reshape(3, 12, 1)
+    hs, ts, ms = labelled_rows(h, jnp.asarray(batch["targets"]), jnp.asarray(labelled), 3)
+    np.testing.assert_array_equal(np.asarray(ms), [[1, 1, 1], [1, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(hs[..., 0])[np.asarray(ms)], [1, 4, 11, 12, 19, 26, 27, 33])
+    assert (np.asarray(ts)[np.asarray(ms)] >= 0).all()

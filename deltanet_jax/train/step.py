@@ -130,16 +130,29 @@ def _chunked_ce_bwd(project, chunk, res, cotangents):
 _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
-def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State, batch: Batch, loss_chunk: int = 0):
+def labelled_rows(h: jax.Array, targets: jax.Array, mask: jax.Array, slots: int):
+    """The first `slots` counted positions of each row, in order (padded with uncounted ones):
+    h [B, T, D], targets and mask [B, T] -> [B, slots, D], [B, slots], [B, slots]. Counted
+    positions past the first `slots` of a row are left out."""
+    order = jnp.argsort((~mask).astype(jnp.int8), axis=1, stable=True)[:, :slots]  # counted positions first
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    return take(h), take(targets), take(mask)
+
+
+def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State, batch: Batch, loss_chunk: int = 0,
+                label_slots: int = 0):
     model = nnx.merge(graphdef, params, other)
     segment_ids = batch.get("segment_ids")
-    mask = batch["targets"] >= 0  # negative targets mark ignored positions
+    targets = batch["targets"]
+    mask = targets >= 0  # negative targets mark ignored positions
     if segment_ids is not None:
         mask &= segment_ids > 0
-    t = batch["inputs"].shape[1]
-    chunk = min(loss_chunk, t) if loss_chunk else t  # 0: one chunk, still with the gradients formed early
     h = model.hidden(batch["inputs"], segment_ids)
-    return chunked_cross_entropy_sum(h, model.head_weight(), model.project, batch["targets"], mask, chunk)
+    if label_slots:
+        h, targets, mask = labelled_rows(h, targets, mask, label_slots)
+    t = h.shape[1]
+    chunk = min(loss_chunk, t) if loss_chunk else t  # 0: one chunk, still with the gradients formed early
+    return chunked_cross_entropy_sum(h, model.head_weight(), model.project, targets, mask, chunk)
 
 
 def _micro_batches(batch: Batch, grad_accum: int, batch_sharding: NamedSharding | None) -> Batch:
@@ -160,7 +173,7 @@ def _micro_batches(batch: Batch, grad_accum: int, batch_sharding: NamedSharding 
 def make_train_step(
     graphdef: nnx.GraphDef, tx: optax.GradientTransformation, *, grad_accum: int = 1,
     skip_nonfinite: bool = False, state_sharding: Any = None, batch_sharding: NamedSharding | None = None,
-    compute_sharding: Any = None, loss_chunk: int = 0,
+    compute_sharding: Any = None, loss_chunk: int = 0, label_slots: int = 0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Jitted `(state, batch) -> (new_state, metrics)`; `state` is donated.
 
@@ -171,6 +184,8 @@ def make_train_step(
     `state_sharding` / `batch_sharding` (NamedSharding trees) pin the layouts for sharded training;
     `compute_sharding` (a tree like the params) is the layout parameters are gathered to for use (FSDP).
     `loss_chunk` > 0 computes logits and loss that many positions at a time (`chunked_cross_entropy_sum`).
+    `label_slots` > 0 computes logits only at each row's first `label_slots` counted positions
+    (`labelled_rows`): the same loss, for tasks with few labelled positions per row (recall tasks).
     metrics: loss (mean over counted positions), grad_norm (before clipping), finite (bool).
     """
 
@@ -178,11 +193,11 @@ def make_train_step(
         return params if compute_sharding is None else jax.lax.with_sharding_constraint(params, compute_sharding)
 
     def loss_fn(params, other, batch):
-        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk)
+        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk, label_slots)
         return total / jnp.maximum(count, 1.0)
 
     def sum_fn(params, other, batch):
-        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk)
+        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk, label_slots)
         return total, count
 
     def loss_and_grads(params, other, batch):
@@ -221,16 +236,16 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, state_sharding: Any = None,
-                   batch_sharding: NamedSharding | None = None, compute_sharding: Any = None, loss_chunk: int = 0
-                   ) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
-    """Jitted `(state, batch) -> (summed loss, counted positions)` without gradients (shardings and
-    `loss_chunk` as in `make_train_step`)."""
+                   batch_sharding: NamedSharding | None = None, compute_sharding: Any = None, loss_chunk: int = 0,
+                   label_slots: int = 0) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
+    """Jitted `(state, batch) -> (summed loss, counted positions)` without gradients (shardings,
+    `loss_chunk` and `label_slots` as in `make_train_step`)."""
 
     def eval_step(state: TrainState, batch: Batch):
         params = state.params
         if compute_sharding is not None:
             params = jax.lax.with_sharding_constraint(params, compute_sharding)
-        return _loss_terms(graphdef, params, state.other, batch, loss_chunk)
+        return _loss_terms(graphdef, params, state.other, batch, loss_chunk, label_slots)
 
     if state_sharding is None:
         return jax.jit(eval_step)
