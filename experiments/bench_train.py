@@ -68,9 +68,80 @@ def scaling_mesh(layout: str, devices: int, tensor: int) -> tuple[int, int, int]
     return 1, devices // tensor, tensor
 
 
+KERNEL_KINDS = (  # (kind, substrings of a device kernel's name), first match wins
+    ("matmul", ("gemm", "xmma", "cutlass", "cublas", "matmul", "triton_dot")),
+    ("delta rule", ("delta_rule", "wy_repr", "recompute_w_u", "solve_tril", "merge_16x16", "kkt",
+                    "chunk_fwd_kernel_o", "chunk_bwd_kernel")),  # ours and fla's kernels
+    ("short conv", ("short_conv", "causal_conv")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def summarize_kernels(kernels: list[tuple[str, float]], steps: int, top: int = 25) -> dict[str, Any]:
+    """(name, microseconds) of every device kernel over `steps` steps -> device ms per step in all
+    and by kind (`KERNEL_KINDS`), and the `top` kernels by time (ms and launches per step)."""
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for name, us in kernels:
+        by_name[name].append(us)
+    rows = sorted(({"name": name, "kind": kernel_kind(name), "ms_per_step": sum(us) / 1e3 / steps,
+                    "launches_per_step": len(us) / steps} for name, us in by_name.items()),
+                  key=lambda r: -r["ms_per_step"])
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for r in rows:
+        kinds[r["kind"]] += r["ms_per_step"]
+    return {"steps": steps, "device_ms_per_step": sum(kinds.values()), "by_kind": dict(kinds), "top": rows[:top]}
+
+
+def _profile_ours(step, steps: int) -> dict[str, Any]:
+    """Device kernels of `steps` more calls of `step`, from a JAX profiler trace."""
+    import tempfile
+
+    import jax
+
+    from experiments.trace_ops import load_trace
+
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                step()
+        events = load_trace(log_dir)
+    device = [e for e in events if "/device:" in e["process"] and "/host" not in e["process"]]
+    return summarize_kernels([(e["name"], float(e.get("dur", 0.0))) for e in device], steps)
+
+
+def _profile_fla(step, steps: int) -> dict[str, Any]:
+    """Device kernels of `steps` more calls of `step`, from torch's profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    kernels = [(e.name, float(e.time_range.elapsed_us()))
+               for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    torch.cuda.synchronize()
+    return summarize_kernels(kernels, steps)
+
+
+def print_profile(label: str, profile: dict[str, Any], file=None) -> None:
+    """A `summarize_kernels` result as text (to stderr by default)."""
+    file = file or sys.stderr
+    if not profile["top"]:
+        print(f"{label}: no device kernels in the trace (this backend records no device timeline)", file=file)
+        return
+    kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in sorted(profile["by_kind"].items(), key=lambda kv: -kv[1]))
+    print(f"{label}: {profile['device_ms_per_step']:.1f} device ms per step ({kinds})", file=file)
+    for r in profile["top"]:
+        print(f"  {r['ms_per_step']:8.3f} ms  x{r['launches_per_step']:<5g} {r['kind']:10s} {r['name'][:100]}", file=file)
+
+
 def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_dtype: str,
                 mesh_shape: tuple[int, int, int], grad_accum: int, implementation: str | None,
-                remat: bool, loss_chunk: int = 0) -> dict[str, Any]:
+                remat: bool, loss_chunk: int = 0, profile_steps: int = 0) -> dict[str, Any]:
     """Our train step over a (data, fsdp, tensor) mesh of the first devices: `rows` sequences per
     optimizer step, in `grad_accum` micro-batches."""
     import jax
@@ -122,6 +193,7 @@ def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_
     seconds = _median_s(step, reps, warmup)
     _progress(f"{warmup} warm-up and {reps} timed steps done: {seconds * 1e3:.1f} ms per step", start)
     loss = float(step()["loss"])
+    profile = _profile_ours(step, profile_steps) if profile_steps else None
     stats = [d.memory_stats() or {} for d in jax.devices()[:devices]]
     peak_bytes = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0)
     tokens_per_s = rows * seq / seconds
@@ -130,10 +202,11 @@ def worker_ours(preset: str, rows: int, seq: int, reps: int, warmup: int, param_
     return {"impl": "ours", "devices": devices, "mesh": list(mesh_shape), "rows": rows, "grad_accum": grad_accum,
             "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
             "peak_gib": peak_bytes / 2**30 if peak_bytes else None, "mfu": mfu, "loss": loss,
-            "params": setup.num_params, "param_dtype": param_dtype, "device": jax.devices()[0].device_kind}
+            "params": setup.num_params, "param_dtype": param_dtype, "device": jax.devices()[0].device_kind,
+            "profile": profile}
 
 
-def worker_fla(preset: str, batch: int, seq: int, reps: int, warmup: int) -> dict[str, Any]:
+def worker_fla(preset: str, batch: int, seq: int, reps: int, warmup: int, profile_steps: int = 0) -> dict[str, Any]:
     """fla's DeltaNetForCausalLM from the same config: bf16 weights, fused AdamW, bf16 autocast."""
     import torch
     from fla.models import DeltaNetConfig, DeltaNetForCausalLM
@@ -165,10 +238,12 @@ def worker_fla(preset: str, batch: int, seq: int, reps: int, warmup: int) -> dic
     _progress("first step done (autotuning included)", start)
     seconds = _median_s(step, reps, warmup)
     _progress(f"{warmup} warm-up and {reps} timed steps done: {seconds * 1e3:.1f} ms per step", start)
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    profile = _profile_fla(step, profile_steps) if profile_steps else None
     return {"impl": "fla", "devices": 1, "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30, "mfu": None,
+            "peak_gib": peak_gib, "mfu": None,
             "loss": float(holder["loss"]), "params": sum(p.numel() for p in model.parameters()),
-            "param_dtype": "bfloat16", "device": torch.cuda.get_device_name(device)}
+            "param_dtype": "bfloat16", "device": torch.cuda.get_device_name(device), "profile": profile}
 
 
 def _progress(message: str, start: float) -> None:
@@ -298,6 +373,9 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--loss-chunk", type=int, default=0, help="our loss computes logits this many positions at a"
                     " time (train.loss_chunk; default: %(default)s = all at once)")
     ap.add_argument("--no-fla", action="store_true", help="skip fla")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, trace STEPS more steps of each compared model and print its device"
+                         " kernels: ms per step by kind (matmul, delta rule, ...) and the largest ones")
     ap.add_argument("--skip-compare", action="store_true", help="only the scaling runs, not ours against fla")
     ap.add_argument("--scaling", default="", help="also ours on these device counts, e.g. 1,2,4,8, laid out by"
                     " --layout, for the first of --sizes (a table of tokens/s per device)")
@@ -320,18 +398,19 @@ def main(argv=None) -> list[dict[str, Any]]:
     ap.add_argument("--rows", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if min(args.batch, args.seq, args.reps, args.tensor) < 1 or min(args.warmup, args.loss_chunk) < 0 or (
+    if min(args.batch, args.seq, args.reps, args.tensor) < 1 or min(args.warmup, args.loss_chunk, args.profile) < 0 or (
             args.global_batch or 1) < 1:
-        ap.error("--batch, --seq, --reps, --tensor and --global-batch must be positive, --warmup and --loss-chunk >= 0")
+        ap.error("--batch, --seq, --reps, --tensor and --global-batch must be positive, --warmup, --loss-chunk and"
+                 " --profile >= 0")
 
     if args.worker:
         if args.worker == "ours":
             mesh = tuple(int(x) for x in args.mesh.split(","))
             rows = args.rows or args.batch
             result = worker_ours(args.preset, rows, args.seq, args.reps, args.warmup, args.param_dtype, mesh,
-                                 args.grad_accum, args.implementation, args.remat, args.loss_chunk)
+                                 args.grad_accum, args.implementation, args.remat, args.loss_chunk, args.profile)
         else:
-            result = worker_fla(args.preset, args.batch, args.seq, args.reps, args.warmup)
+            result = worker_fla(args.preset, args.batch, args.seq, args.reps, args.warmup, args.profile)
         print("RESULT " + json.dumps(result))
         return [result]
 
@@ -375,9 +454,13 @@ def main(argv=None) -> list[dict[str, Any]]:
         for impl in ["ours"] + ([] if args.no_fla else ["fla"]):
             label = "deltanet-jax" if impl == "ours" else "fla"
             print(f"{size}: {label} on 1 device ...", file=sys.stderr, flush=True)
-            result = _spawn(["--worker", impl, "--preset", preset, "--batch", str(args.batch), *common], args.timeout)
+            profile = ["--profile", str(args.profile)] if args.profile else []
+            result = _spawn(["--worker", impl, "--preset", preset, "--batch", str(args.batch), *common, *profile],
+                            args.timeout)
             result.update(size=size, label=label, impl=impl)
             rows.append(result)
+            if result.get("profile"):
+                print_profile(f"{size} {label}", result["profile"])
     size, preset = next(iter(sizes.items()))
     for n, mesh, global_rows, accum in plan:
         print(f"{size}: deltanet-jax on {n} device(s), mesh {mesh}, {global_rows} sequences in {accum} "

@@ -106,3 +106,30 @@ def test_quick_scaling_run_with_tensor_parallelism():
     row = next(line for line in out.stdout.splitlines() if line.startswith("| 2 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:4] == ["1, 1, 2", "4", "2"] and float(cells[4]) > 0
+
+
+def test_kernel_summary_groups_by_name_and_kind(capsys):
+    from experiments.bench_train import kernel_kind, print_profile, summarize_kernels
+
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kernel_kind("delta_rule_chunk_fwd_from_t") == "delta rule"
+    assert kernel_kind("loop_add_fusion_12") == "other"
+    kernels = [("delta_rule_chunk_fwd", 300.0), ("gemm_a", 1000.0), ("gemm_a", 1000.0), ("fusion_1", 60.0)] * 2
+    summary = summarize_kernels(kernels, steps=2, top=2)
+    assert summary["device_ms_per_step"] == pytest.approx(2.36)
+    assert summary["by_kind"] == pytest.approx({"delta rule": 0.3, "matmul": 2.0, "other": 0.06})
+    assert [r["name"] for r in summary["top"]] == ["gemm_a", "delta_rule_chunk_fwd"]
+    assert summary["top"][0]["launches_per_step"] == 2
+    print_profile("x", summary)
+    err = capsys.readouterr().err
+    assert "2.4 device ms per step (matmul 2.0, delta rule 0.3, other 0.1)" in err and "gemm_a" in err
+
+
+def test_quick_bench_train_profile_on_a_backend_without_device_timeline(capsys):
+    """--profile traces extra steps after timing; the CPU's trace has no device kernels, which the
+    summary says instead of inventing numbers."""
+    from experiments import bench_train
+
+    rows = bench_train.main(["--quick", "--no-write", "--profile", "1"])
+    assert rows[0]["profile"]["steps"] == 1 and rows[0]["profile"]["top"] == []
+    assert "no device kernels in the trace" in capsys.readouterr().err
