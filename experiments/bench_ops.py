@@ -233,7 +233,7 @@ def kernel_calls(shape, dtype=jnp.bfloat16):
     return calls, np_in
 
 
-def sweep(shape, reps, kernels, overrides: dict | None = None, dtype=jnp.bfloat16):
+def sweep(shape, reps, kernels, dtype=jnp.bfloat16):
     """Time launch choices of each named Pallas kernel alone at one shape on `dtype` inputs; prints
     and returns rows (a launch the compiler refuses, for resources say, is a NaN row and a message)."""
     from pallas_kernels.delta_rule.common import Launch
@@ -371,8 +371,8 @@ def main(argv=None):
     ap.add_argument("--shapes", type=parse_shapes, help="comma-separated BxTxHxD shapes instead of the standard"
                     " four, e.g. 8x2048x16x128,2x8192x16x128")
     ap.add_argument("--config", nargs="+", default=[], metavar="FIELD=VALUE",
-                    help="KernelConfig overrides for the Pallas timings, e.g. fold_wu=false"
-                         " wy=8,1 (launches as WARPS,STAGES)")
+                    help="KernelConfig overrides for the Pallas timings of the table and --breakdown (--sweep"
+                         " tries its own launches), e.g. fold_wu=false wy=8,1 (launches as WARPS,STAGES)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                     help="input dtype of --sweep and --breakdown (the table is bf16, as the protocol asks:"
                          " other dtypes need --skip-table)")
@@ -416,7 +416,7 @@ def main(argv=None):
                    fla=None if fla is None else fla[2])
     if args.sweep is not None:
         results["sweep"] = [row for shape in shapes
-                            for row in sweep(shape, args.reps, args.sweep or list(SWEEPS), overrides, dtype)]
+                            for row in sweep(shape, args.reps, args.sweep or list(SWEEPS), dtype)]
         save(results, args.json)
     if args.breakdown:
         results["breakdown"] = [row for shape in shapes
