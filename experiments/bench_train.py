@@ -102,20 +102,18 @@ def _profile_ours(step, steps: int) -> dict[str, Any]:
 
     import jax
 
-    from experiments.trace_ops import load_trace
+    from experiments.trace_ops import device_events, load_trace
 
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):
             for _ in range(steps):
                 step()
-        events = load_trace(log_dir)
-    device = [e for e in events if "/device:" in e["process"] and "/host" not in e["process"]]
+        device = device_events(load_trace(log_dir))
     return summarize_kernels([(e["name"], float(e.get("dur", 0.0))) for e in device], steps)
 
 
 def _profile_fla(step, steps: int) -> dict[str, Any]:
     """Device kernels of `steps` more calls of `step`, from torch's profiler."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -123,7 +121,6 @@ def _profile_fla(step, steps: int) -> dict[str, Any]:
             step()
     kernels = [(e.name, float(e.time_range.elapsed_us()))
                for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
-    torch.cuda.synchronize()
     return summarize_kernels(kernels, steps)
 
 

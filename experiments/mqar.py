@@ -84,7 +84,8 @@ class Setting:
     def grid(self) -> list[tuple[str, int]]:
         """The (model, dim) cells trained, in grid order."""
         every = [(m, d) for m in self.models for d in self.dims]
-        return [c for c in every if c in set(self.cells)] if self.cells else every
+        chosen = set(self.cells)
+        return [c for c in every if c in chosen] if chosen else every
 
     @property
     def label_slots(self) -> int:
@@ -111,7 +112,7 @@ class Setting:
         if self.lrs is not None:
             lrs = ", ".join(f"{lr:g}" for lr in self.lrs)
         else:
-            lrs = "; ".join(f"{MODEL_LABELS[m]} {', '.join(f'{lr:g}' for lr in DEFAULT_LRS[m])}" for m in self.models)
+            lrs = "; ".join(f"{MODEL_LABELS[m]} {', '.join(f'{lr:g}' for lr in self.lrs_for(m))}" for m in self.models)
         where = (f"{self.workers} processes sharing the device, each training its cells" if self.workers > 1
                  else "one process")
         return (f"budget per run: at most {self.max_steps} updates of {self.batch_size} sequences "
@@ -333,6 +334,13 @@ def _check_grid(s: Setting) -> None:
         model_config(s.models[0], d, s)
 
 
+def _device_text() -> str:
+    import jax
+
+    device = jax.devices()[0]
+    return f"{device.platform} ({device.device_kind})"
+
+
 def _log_header(s: Setting, log: Callable[[str], None], device: str) -> None:
     log(f"{s.task_text()}")
     log(f"{s.mix_text()}")
@@ -342,15 +350,12 @@ def _log_header(s: Setting, log: Callable[[str], None], device: str) -> None:
 
 def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print, header: bool = True) -> list[RunResult]:
     """Train the cells of `s` in this process; write the CSVs, the plot and the setting; return every run."""
-    import jax
-
     from deltanet_jax.data.synthetic import multiquery_ar
 
     task = s.task()
     _check_grid(s)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = jax.devices()[0]
-    device_text = f"{device.platform} ({device.device_kind})"
+    device_text = _device_text()
     if header:
         _log_header(s, log, device_text)
     t_start = time.perf_counter()
@@ -434,15 +439,12 @@ def run_parallel(s: Setting, out_dir: Path, log: Callable[[str], None] = print) 
     import subprocess
 
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the processes share one device
-    import jax
-
     _check_grid(s)
     cells = s.grid()
     workers = min(s.workers, len(cells))
     groups = [cells[i::workers] for i in range(workers)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = jax.devices()[0]
-    device_text = f"{device.platform} ({device.device_kind})"
+    device_text = _device_text()
     _log_header(dataclasses.replace(s, workers=workers), log, device_text)
     t_start = time.perf_counter()
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")

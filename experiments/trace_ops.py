@@ -45,11 +45,16 @@ def load_trace(log_dir: str) -> list[dict]:
             for e in events if e.get("ph") == "X"]
 
 
+def device_events(events: list[dict]) -> list[dict]:
+    """The events of `load_trace` that ran on a device (kernels, copies), not on the host."""
+    return [e for e in events if "/device:" in e["process"] and "/host" not in e["process"]]
+
+
 def calls_and_kernels(events: list[dict]) -> list[dict]:
     """Per host call (annotated `trace_ops:<label>`): its wall time, and the device events and the
     host-side spans (runtime, not Python frames) that start inside it, as offsets from the call's
     start (microseconds)."""
-    device = [e for e in events if "/device:" in e["process"] and "/host" not in e["process"]]
+    device = device_events(events)
     host = [e for e in events if "/host" in e["process"] and not e["name"].startswith(("$", CALL_PREFIX))]
     out = []
     for call in sorted((e for e in events if e["name"].startswith(CALL_PREFIX)), key=lambda e: e["ts"]):
