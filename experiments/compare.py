@@ -9,7 +9,8 @@ trained by `deltanet_jax.train.trainer.train` with the same overrides, hence the
 sequence length, learning rate and seed. Writes to --out: one run directory per model under
 `runs/`, `compare.png` (validation loss against training tokens, one curve per model),
 `compare.md` and `compare.csv` (parameters, final validation loss and perplexity, training
-tokens/s, wall time). Re-running with the same --out resumes (or reuses) finished runs.
+tokens/s, wall time). Re-running with the same --out resumes (or reuses) finished runs; SIGTERM or
+SIGINT stops after the current run's checkpoint, with exit status 128 + the signal number.
 
 Default: sized for one GPU (well under 15 minutes for the five runs). `--quick`: a CPU-sized version.
 """
@@ -20,6 +21,7 @@ import argparse
 import csv
 import json
 import math
+import signal
 import statistics
 import sys
 import time
@@ -114,6 +116,10 @@ def run_all(models: Sequence[str], overrides: Sequence[str], out_dir: Path, *, p
         t0 = time.perf_counter()
         result = train(cfg, plans[name], progress=progress)
         seconds = time.perf_counter() - t0
+        if result.stopped_by is not None:  # SIGTERM / SIGINT: the run saved its checkpoint; stop here
+            log(f"{signal.Signals(result.stopped_by).name} during {name}: the models after it are not run and no "
+                "tables are written; run the same command to resume")
+            raise SystemExit(128 + result.stopped_by)
         records = read_metrics(plans[name].run_dir)
         rows.append({
             "model": name, "description": MODELS[name][1], "params": params[name], "tokens": tokens,

@@ -1,6 +1,7 @@
 """Multi-query associative recall (MQAR): DeltaNet against attention and linear attention.
 
     python -m experiments.mqar [--out DIR] [--quick] [--models deltanet,attention,linear] [--dims 64,128,...]
+    python -m experiments.mqar --profile 5 --dims 128,512   # time each cell's update alone, trace 5 more
 
 The DeltaNet paper's setting (from Zoology): vocabulary 8192, sequences of 512 tokens holding 64
 key-value pairs, two-layer models with two heads and no short convolution, model dimension in
@@ -473,6 +474,50 @@ def run_parallel(s: Setting, out_dir: Path, log: Callable[[str], None] = print) 
     return runs
 
 
+def profile_cells(s: Setting, steps: int, log: Callable[[str], None] = print, timed: int = 50) -> list[dict[str, Any]]:
+    """Time one update of each grid cell alone (no training run): ms per update with a barrier after
+    each (fed from host memory, as `train_run` feeds it) and `timed` updates back to back, then the
+    device kernels of `steps` more updates by kind and the slowest ones (GPU traces only)."""
+    import jax
+
+    from experiments.bench_train import print_profile, profile_jax_steps
+
+    pool = training_pool(dataclasses.replace(s, train_examples=max(4 * s.batch_size, 256)))
+    rows = []
+    for m, d in s.grid():
+        t0 = time.perf_counter()
+        cell = Cell(m, d, s)
+        data = _batches(pool, s.batch_size, seed=s.seed + 1)
+        fixed = jax.device_put(next(data))
+        holder = {"state": cell.fresh_state(s.lrs_for(m)[0])}
+
+        def update(batch=None):
+            holder["state"], metrics = cell.train_step(holder["state"], fixed if batch is None else batch)
+            return metrics
+
+        for _ in range(10):
+            jax.block_until_ready(update(next(data)))
+        compile_s = time.perf_counter() - t0
+        t = time.perf_counter()
+        for _ in range(timed):
+            jax.block_until_ready(update(next(data)))
+        barrier_ms = (time.perf_counter() - t) / timed * 1e3
+        t = time.perf_counter()
+        for _ in range(timed):
+            metrics = update()
+        jax.block_until_ready((holder["state"], metrics))
+        back_to_back_ms = (time.perf_counter() - t) / timed * 1e3
+        log(f"[{m} d={d}] {cell.params:,} parameters; compiled and 10 updates in {compile_s:.1f} s; "
+            f"{barrier_ms:.2f} ms per update with a barrier each, {back_to_back_ms:.2f} back to back")
+        row = {"model": m, "dim": d, "params": cell.params, "barrier_ms": barrier_ms,
+               "back_to_back_ms": back_to_back_ms, "profile": None}
+        if steps:
+            row["profile"] = profile_jax_steps(lambda: jax.block_until_ready(update()), steps)
+            print_profile(f"[{m} d={d}]", dict(row["profile"], top=row["profile"]["top"][:12]))
+        rows.append(row)
+    return rows
+
+
 def _param_count(model: str, dim: int, s: Setting) -> int:
     from flax import nnx
 
@@ -628,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delta-rule kernel (default: pallas on GPU, chunked elsewhere)")
     p.add_argument("--workers", type=int, help="processes training cells at once, sharing the device (default: "
                                                "one per cell on a GPU, 1 elsewhere)")
+    p.add_argument("--profile", type=int, metavar="STEPS",
+                   help="train nothing: time one update of each selected cell alone, then trace STEPS more "
+                        "(device kernels by kind, on a GPU); writes mqar_profile.json to --out")
     p.add_argument("--worker-setting", help=argparse.SUPPRESS)  # a worker process's Setting, as JSON
     return p
 
@@ -662,7 +710,7 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
     return s
 
 
-def main(argv: Sequence[str] | None = None) -> list[RunResult]:
+def main(argv: Sequence[str] | None = None) -> list[Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -674,6 +722,14 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
         parser.error(str(err))
     if args.quick:
         print("--quick: a CPU-sized version of the paper's setting (values below)")
+    if args.profile is not None:
+        if args.profile < 0:
+            parser.error(f"--profile must be >= 0, got {args.profile}")
+        rows = profile_cells(s, args.profile, log=log)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "mqar_profile.json").write_text(json.dumps(rows, indent=2) + "\n")
+        log(f"wrote {args.out / 'mqar_profile.json'}")
+        return rows
     if args.workers is None:
         # asking for the backend starts it: without preallocation, so the workers find the memory free
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -42,3 +42,24 @@ def test_compare_refuses_before_work(tmp_path, capsys):
         compare.main(["--quick", "--out", str(tmp_path / "b"), "train.stepz=3"])
     assert "train.stepz" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_compare_stops_at_a_signal(tmp_path, monkeypatch, capsys):
+    """A run stopped by SIGTERM ends the comparison: no later model trains, no partial tables."""
+    import math
+    import signal
+
+    from deltanet_jax.train import trainer
+
+    calls = []
+
+    def stopped(cfg, plan, progress=False):
+        calls.append(plan.run_dir.name)
+        return trainer.RunResult(step=1, val_loss=math.nan, run_dir=plan.run_dir, stopped_by=signal.SIGTERM)
+
+    monkeypatch.setattr(trainer, "train", stopped)
+    with pytest.raises(SystemExit) as err:
+        compare.main(["--quick", "--models", "deltanet,linear-attention", "--out", str(tmp_path), *TINY])
+    assert err.value.code == 128 + signal.SIGTERM and calls == ["deltanet"]
+    assert not (tmp_path / "compare.csv").exists() and not (tmp_path / "compare.md").exists()
+    assert "SIGTERM during deltanet" in capsys.readouterr().out

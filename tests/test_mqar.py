@@ -1,6 +1,7 @@
 """MQAR generator (Zoology's multi-query associative recall) and a tiny end-to-end experiment run."""
 
 import csv
+import json
 import re
 
 import time
@@ -296,3 +297,17 @@ def test_mqar_learning_rates_by_model():
     assert mqar.schedule(s) == [("attention", 64, 1e-2), ("deltanet", 64, 1e-2), ("attention", 64, 1e-3),
                                 ("deltanet", 64, 1e-3)]
     assert mqar.Setting(num_kv_pairs=8, train_mix=((16, 2, 1.0), (64, 12, 1.0))).label_slots == 12
+
+
+def test_profile_times_each_cell_without_training(tmp_path, capsys):
+    from experiments import mqar
+
+    rows = mqar.main(["--quick", "--models", "deltanet", "--dims", "16", "--profile", "1", "--out", str(tmp_path)])
+    assert [(r["model"], r["dim"]) for r in rows] == [("deltanet", 16)]
+    assert rows[0]["barrier_ms"] > 0 and rows[0]["back_to_back_ms"] > 0 and rows[0]["params"] > 0
+    saved = json.loads((tmp_path / "mqar_profile.json").read_text())
+    assert saved[0]["dim"] == 16 and not (tmp_path / "mqar.csv").exists()  # nothing trained
+    out = capsys.readouterr().out
+    assert "ms per update with a barrier each" in out and "[deltanet d=16]" in out
+    with pytest.raises(SystemExit):
+        mqar.main(["--quick", "--profile", "-1", "--out", str(tmp_path)])

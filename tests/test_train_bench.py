@@ -25,6 +25,7 @@ def test_quick_bench_train_prints_a_table_and_writes_nothing(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[0].startswith("tiny (") and cells[2] == "1"
     assert float(cells[4]) > 0 and re.fullmatch(r"[\d,]+", cells[5]) and int(cells[5].replace(",", "")) > 0
+    assert float(cells[7]) > 0 and int(cells[8].replace(",", "")) > 0  # back to back: step ms, tokens/s
     assert "fla" not in out.stdout.split("|---|")[-1].replace("vs fla", "")
     after = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").exists() else None
     assert after == before
@@ -51,7 +52,10 @@ def test_saved_runs_merge_into_one_table(tmp_path, capsys):
 
     a, b, c, d = (tmp_path / f"{n}.json" for n in "abcd")
     a.write_text(json.dumps(_saved("A", [_row("340m", "ours", 100_000.0), _row("340m", "fla", 80_000.0)])))
-    b.write_text(json.dumps(_saved("B", [_row("1.3b", "ours", 50_000.0), _row("1.3b", "fla", 40_000.0)])))
+    b.write_text(json.dumps(_saved("B", [_row("1.3b", "ours", 50_000.0, back_to_back_ms=273.1,
+                                              back_to_back_tokens_per_s=60_000.0),
+                                         _row("1.3b", "fla", 40_000.0, back_to_back_ms=409.6,
+                                              back_to_back_tokens_per_s=40_000.0)])))
     one = dict(_row("340m", "ours", 100_000.0), devices_asked=1, mesh=[1, 1, 1], rows=8, grad_accum=1)
     two = dict(_row("340m", "ours", 190_000.0), devices_asked=2, devices=2, mesh=[2, 1, 1], rows=16, grad_accum=1)
     c.write_text(json.dumps(_saved("C", scaled=[two])))
@@ -60,6 +64,7 @@ def test_saved_runs_merge_into_one_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert len(rows) == 6 and "`A; B`" in out and "`C; D`" in out
     assert out.count("| 1.25x |") == 2  # each size against its own fla row
+    assert out.count("| 1.50x |") == 1 and "| 273.1 | 60,000 | 1.50x |" in out  # back to back, where measured
     scaling = out.split("## Scaling")[1]
     assert scaling.index("| 1 |") < scaling.index("| 2 |") and "| 95% |" in scaling
     (tmp_path / "bad.json").write_text(json.dumps({"rows": []}))
@@ -112,6 +117,7 @@ def test_kernel_summary_groups_by_name_and_kind(capsys):
     from experiments.bench_train import kernel_kind, print_profile, summarize_kernels
 
     assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kernel_kind("nvjet_sm90_tst_128x160_64x5_1x2_h_bz_NNT") == "matmul"  # cuBLAS on Hopper
     assert kernel_kind("delta_rule_chunk_fwd_from_t") == "delta rule"
     assert kernel_kind("loop_add_fusion_12") == "other"
     kernels = [("delta_rule_chunk_fwd", 300.0), ("gemm_a", 1000.0), ("gemm_a", 1000.0), ("fusion_1", 60.0)] * 2
