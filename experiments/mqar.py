@@ -475,12 +475,14 @@ def run_parallel(s: Setting, out_dir: Path, log: Callable[[str], None] = print) 
 
 
 def profile_cells(s: Setting, steps: int, log: Callable[[str], None] = print, timed: int = 50) -> list[dict[str, Any]]:
-    """Time one update of each grid cell alone (no training run): ms per update with a barrier after
-    each (fed from host memory, as `train_run` feeds it) and `timed` updates back to back, then the
-    device kernels of `steps` more updates by kind and the slowest ones (GPU traces only)."""
+    """Time one update of each grid cell alone (no training run): the median ms of `timed` updates
+    with a barrier after each (fed from host memory, as `train_run` feeds it) and the mean of
+    `timed` back to back, then the device kernels of `steps` more updates by kind and the slowest
+    ones (GPU traces only)."""
     import jax
 
     from experiments.bench_train import print_profile, profile_jax_steps
+    from experiments.timing import median_ms, pipelined_ms
 
     pool = training_pool(dataclasses.replace(s, train_examples=max(4 * s.batch_size, 256)))
     rows = []
@@ -498,15 +500,9 @@ def profile_cells(s: Setting, steps: int, log: Callable[[str], None] = print, ti
         for _ in range(10):
             jax.block_until_ready(update(next(data)))
         compile_s = time.perf_counter() - t0
-        t = time.perf_counter()
-        for _ in range(timed):
-            jax.block_until_ready(update(next(data)))
-        barrier_ms = (time.perf_counter() - t) / timed * 1e3
-        t = time.perf_counter()
-        for _ in range(timed):
-            metrics = update()
-        jax.block_until_ready((holder["state"], metrics))
-        back_to_back_ms = (time.perf_counter() - t) / timed * 1e3
+        barrier_ms = median_ms(lambda: update(next(data)), reps=timed, warmup=0)
+        back_to_back_ms = pipelined_ms(update, sync=lambda m: jax.block_until_ready((holder["state"], m)),
+                                       calls=timed, reps=1, warmup=0)
         log(f"[{m} d={d}] {cell.params:,} parameters; compiled and 10 updates in {compile_s:.1f} s; "
             f"{barrier_ms:.2f} ms per update with a barrier each, {back_to_back_ms:.2f} back to back")
         row = {"model": m, "dim": d, "params": cell.params, "barrier_ms": barrier_ms,
