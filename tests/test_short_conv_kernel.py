@@ -90,3 +90,8 @@ def test_bad_implementation_and_channel_count_are_rejected():
         ShortConvolution(32, implementation="triton", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="divisible by 16"):
         short_conv(jnp.zeros((1, 4, 20)), jnp.zeros((4, 20)), None, "silu", True)
+
+
+def test_module_default_is_the_kernel_on_gpu_and_xla_elsewhere():
+    conv = ShortConvolution(32, rngs=nnx.Rngs(0))
+    assert conv.implementation == ("pallas" if jax.default_backend() == "gpu" else "xla")

@@ -5,9 +5,14 @@ weight gradient), wired with `jax.custom_vjp`.
 
 A tap reads input row s for output row t only if codes[s] == codes[t] >= 0 (codes [B, T] int32,
 optional): packed segments restart the convolution, and rows with a negative code are padding
-(their outputs are act(0)). Rows before the sequence read zero. The backward keeps only the padded
-input and recomputes the pre-activation; it returns dx and per-tile weight-gradient partials that
-XLA sums. Inputs are padded once, so every kernel load is an in-bounds slice.
+(their outputs are act(0)). Rows before the sequence read zero. The backward keeps only the input
+and recomputes the pre-activation; it returns dx and per-tile weight-gradient partials that XLA
+sums (see `conv_backward`).
+
+The kernels read the unpadded arrays: every load is masked by the row range, and a tap's rows may
+start before row 0. On a GPU the masked rows are never read. The interpreter cannot slice from a
+negative start, so there (only) the input and codes get W - 1 leading rows that the same masks
+exclude: `lead` shifts every row address by that much.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 ACTIVATIONS = (None, "silu")
-FWD_TILE = (64, 128)     # (rows, channels) per forward program
-BWD_TILE = (32, 128)     # the backward holds several shifted tiles
+# (rows, channels, warps) per program: the best of a sweep on an H200 at [8, 2048, 2048] and
+# [8, 2048, 1024] bf16 (pallas_kernels/delta_rule/NOTES.md, "Measured 2026-12-03").
+FWD_LAUNCH = (64, 128, 4)
+BWD_LAUNCH = (64, 64, 4)
 
 
 def _sigmoid(a: jax.Array) -> jax.Array:
@@ -39,60 +46,88 @@ def _act_grad(pre: jax.Array, activation: str | None) -> jax.Array:
     return s * (1.0 + pre * (1.0 - s))
 
 
-def _tap_ok(codes_ref, src: int, dst: int, t0, rows: int):
-    """[rows, 1] mask: padded row t0 + src + i may feed output padded row t0 + dst + i."""
-    c_src = codes_ref[pl.ds(t0 + src, rows)]
-    c_dst = codes_ref[pl.ds(t0 + dst, rows)]
-    return ((c_src == c_dst) & (c_dst >= 0))[:, None]
+class _Rows:
+    """Masked [rows, C] loads of x (and codes) at row offsets from a tile start t0, cached per offset."""
+
+    def __init__(self, x_ref, codes_ref, t0, rows: int, t: int, lead: int):
+        self.x_ref, self.codes_ref, self.t0, self.rows, self.t, self.lead = x_ref, codes_ref, t0, rows, t, lead
+        self._x, self._codes = {}, {}
+
+    def index(self, m: int) -> jax.Array:
+        return self.t0 + m + jnp.arange(self.rows)
+
+    def inside(self, m: int) -> jax.Array:
+        r = self.index(m)
+        return (r >= 0) & (r < self.t)
+
+    def x(self, m: int) -> jax.Array:
+        """float32 x rows t0 + m + i (zero outside [0, T))."""
+        if m not in self._x:
+            ref = self.x_ref.at[pl.ds(self.t0 + m + self.lead, self.rows)]
+            self._x[m] = plgpu.load(ref, mask=self.inside(m)[:, None], other=0).astype(jnp.float32)
+        return self._x[m]
+
+    def codes(self, m: int) -> jax.Array:
+        """codes rows t0 + m + i (-1 outside [0, T))."""
+        if m not in self._codes:
+            ref = self.codes_ref.at[pl.ds(self.t0 + m + self.lead, self.rows)]
+            self._codes[m] = plgpu.load(ref, mask=self.inside(m), other=-1)
+        return self._codes[m]
+
+    def feeds(self, src: int, dst: int) -> jax.Array | None:
+        """[rows, 1] mask: row t0 + src + i may feed output row t0 + dst + i (None: always)."""
+        if self.codes_ref is None:
+            return None
+        c_dst = self.codes(dst)
+        return ((self.codes(src) == c_dst) & (c_dst >= 0))[:, None]
 
 
-def _fwd_kernel(x_ref, w_ref, *refs, width: int, rows: int, activation, has_codes: bool):
+def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return v if mask is None else jnp.where(mask, v, 0.0)
+
+
+def _fwd_kernel(x_ref, w_ref, *refs, width: int, rows: int, t: int, lead: int, activation, has_codes: bool):
     codes_ref = refs[0] if has_codes else None
     y_ref = refs[-1]
     t0 = pl.program_id(1) * rows
-    pre = jnp.zeros(y_ref.shape, jnp.float32)
-    for j in range(width):           # padded row t0 + i + j holds x[t0 + i - (W - 1) + j]
-        tap = x_ref[pl.ds(t0 + j, rows), :].astype(jnp.float32) * w_ref[j, :].astype(jnp.float32)[None, :]
-        if has_codes:
-            tap = jnp.where(_tap_ok(codes_ref, j, width - 1, t0, rows), tap, 0.0)
-        pre = pre + tap
-    y_ref[...] = _act(pre, activation).astype(y_ref.dtype)
+    r = _Rows(x_ref, codes_ref, t0, rows, t, lead)
+    pre = jnp.zeros((rows, y_ref.shape[-1]), jnp.float32)
+    for j in range(width):           # tap j reads row t - (W - 1) + j
+        m = j - (width - 1)
+        pre = pre + _masked(r.x(m) * w_ref[j, :].astype(jnp.float32)[None, :], r.feeds(m, 0))
+    plgpu.store(y_ref.at[pl.ds(t0, rows)], _act(pre, activation).astype(y_ref.dtype),
+                mask=r.inside(0)[:, None])
 
 
-def _bwd_kernel(x_ref, w_ref, dy_ref, *refs, width: int, rows: int, activation, has_codes: bool):
+def _grad_kernel(x_ref, w_ref, dy_ref, *refs, width: int, rows: int, t: int, lead: int, activation,
+                 has_codes: bool):
+    """g = dy * act'(pre) for output rows t0 + i, and this tile's weight-gradient partial."""
     codes_ref = refs[0] if has_codes else None
-    dx_ref, dw_ref = refs[-2:]
+    g_ref, dw_ref = refs[-2:]
     t0 = pl.program_id(1) * rows
-    w = [w_ref[j, :].astype(jnp.float32)[None, :] for j in range(width)]
-
-    def xs(m):                        # padded input rows t0 + m + i
-        return x_ref[pl.ds(t0 + m, rows), :].astype(jnp.float32)
-
-    def ok(src, dst):
-        return _tap_ok(codes_ref, src, dst, t0, rows) if has_codes else None
-
-    def masked(v, mask):
-        return v if mask is None else jnp.where(mask, v, 0.0)
-
-    dx = jnp.zeros(dx_ref.shape, jnp.float32)
-    for k in range(width):            # output rows t0 + k + i (padded rows t0 + k + W - 1 + i)
-        out_row = k + width - 1
-        pre = jnp.zeros(dx_ref.shape, jnp.float32)
-        for j in range(width):
-            pre = pre + masked(xs(k + j) * w[j], ok(k + j, out_row))
-        g = dy_ref[pl.ds(t0 + k, rows), :].astype(jnp.float32) * _act_grad(pre, activation)
-        # x row t0 + i feeds output row t0 + i + k through tap j = W - 1 - k.
-        dx = dx + masked(g * w[width - 1 - k], ok(width - 1, out_row))
-        if k == 0:
-            for j in range(width):
-                dw_ref[j, :] = jnp.sum(masked(g * xs(j), ok(j, width - 1)), axis=0)
-    dx_ref[...] = dx.astype(dx_ref.dtype)
+    r = _Rows(x_ref, codes_ref, t0, rows, t, lead)
+    pre = jnp.zeros((rows, g_ref.shape[-1]), jnp.float32)
+    for j in range(width):
+        m = j - (width - 1)
+        pre = pre + _masked(r.x(m) * w_ref[j, :].astype(jnp.float32)[None, :], r.feeds(m, 0))
+    dy = plgpu.load(dy_ref.at[pl.ds(t0, rows)], mask=r.inside(0)[:, None], other=0).astype(jnp.float32)
+    g = dy * _act_grad(pre, activation)
+    for j in range(width):            # dw[j] = sum over output rows s of g[s] x[s - (W - 1) + j]
+        m = j - (width - 1)
+        dw_ref[j, :] = jnp.sum(_masked(g * r.x(m), r.feeds(m, 0)), axis=0)
+    plgpu.store(g_ref.at[pl.ds(t0, rows)], g.astype(g_ref.dtype), mask=r.inside(0)[:, None])
 
 
-def _pad_rows(a: jax.Array, before: int, after: int, value=0) -> jax.Array:
-    widths = [(0, 0)] * a.ndim
-    widths[1] = (before, after)
-    return jnp.pad(a, widths, constant_values=value)
+def _dx_kernel(g_ref, w_ref, *refs, width: int, rows: int, t: int, has_codes: bool):
+    """dx[t0 + i] = sum_k w[W - 1 - k] g[t0 + i + k] over the outputs that row feeds."""
+    codes_ref = refs[0] if has_codes else None
+    dx_ref = refs[-1]
+    t0 = pl.program_id(1) * rows
+    r = _Rows(g_ref, codes_ref, t0, rows, t, 0)   # every offset here is >= 0
+    dx = jnp.zeros((rows, dx_ref.shape[-1]), jnp.float32)
+    for k in range(width):
+        dx = dx + _masked(r.x(k) * w_ref[width - 1 - k, :].astype(jnp.float32)[None, :], r.feeds(0, k))
+    plgpu.store(dx_ref.at[pl.ds(t0, rows)], dx.astype(dx_ref.dtype), mask=r.inside(0)[:, None])
 
 
 def _channel_block(d: int, want: int) -> int:
@@ -105,64 +140,91 @@ def _channel_block(d: int, want: int) -> int:
     return block
 
 
-def _padded_codes(codes: jax.Array, before: int, after: int) -> jax.Array:
-    return _pad_rows(codes.astype(jnp.int32), before, after, value=-1)
+def _lead(width: int, interpret: bool) -> int:
+    return width - 1 if interpret else 0
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "interpret"))
+def _led(a: jax.Array, lead: int, value=0) -> jax.Array:
+    """a with `lead` rows of `value` in front along axis 1 (the interpreter's stand-in for masked
+    loads before row 0)."""
+    if lead == 0:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[1] = (lead, 0)
+    return jnp.pad(a, widths, constant_values=value)
+
+
+def _inputs(x, codes, bd: int, lead: int):
+    xl = _led(x, lead)
+    specs = [pl.BlockSpec((None, xl.shape[1], bd), lambda i, n, c: (i, 0, c))]
+    args = [xl]
+    if codes is not None:
+        cl = _led(codes.astype(jnp.int32), lead, value=-1)
+        specs.append(pl.BlockSpec((None, cl.shape[1]), lambda i, n, c: (i, 0)))
+        args.append(cl)
+    return specs, args
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "interpret", "launch"))
 def conv_forward(x: jax.Array, weight: jax.Array, codes: jax.Array | None, *, activation: str | None,
-                 interpret: bool = False) -> jax.Array:
-    """y [B, T, D] in x's dtype from x [B, T, D], weight [W, D] and optional codes [B, T]."""
+                 interpret: bool = False, launch: tuple[int, int, int] | None = None) -> jax.Array:
+    """y [B, T, D] in x's dtype from x [B, T, D], weight [W, D] and optional codes [B, T].
+    `launch`: (rows, channels, warps) per program, FWD_LAUNCH if None."""
     b, t, d = x.shape
     width = weight.shape[0]
-    rows, want = FWD_TILE
+    rows, want, warps = launch or FWD_LAUNCH
     bd = _channel_block(d, want)
-    tp = pl.cdiv(t, rows) * rows
-    xp = _pad_rows(x, width - 1, tp - t)                      # [B, W - 1 + Tp, D]
-    in_specs = [pl.BlockSpec((None, xp.shape[1], bd), lambda i, n, c: (i, 0, c)),
-                pl.BlockSpec((width, bd), lambda i, n, c: (0, c))]
-    args = [xp, weight]
-    if codes is not None:
-        in_specs.append(pl.BlockSpec((None, xp.shape[1]), lambda i, n, c: (i, 0)))
-        args.append(_padded_codes(codes, width - 1, tp - t))
-    y = pl.pallas_call(
-        functools.partial(_fwd_kernel, width=width, rows=rows, activation=activation, has_codes=codes is not None),
-        out_shape=jax.ShapeDtypeStruct((b, tp, d), x.dtype), grid=(b, tp // rows, d // bd), in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, rows, bd), lambda i, n, c: (i, n, c)), interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), name="short_conv_fwd",
+    lead = _lead(width, interpret)
+    x_specs, x_args = _inputs(x, codes, bd, lead)
+    in_specs = [x_specs[0], pl.BlockSpec((width, bd), lambda i, n, c: (0, c)), *x_specs[1:]]
+    args = [x_args[0], weight, *x_args[1:]]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, width=width, rows=rows, t=t, lead=lead, activation=activation,
+                          has_codes=codes is not None),
+        out_shape=jax.ShapeDtypeStruct((b, t, d), x.dtype), grid=(b, pl.cdiv(t, rows), d // bd),
+        in_specs=in_specs, out_specs=pl.BlockSpec((None, t, bd), lambda i, n, c: (i, 0, c)), interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1), name="short_conv_fwd",
     )(*args)
-    return y[:, :t] if tp != t else y
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "interpret"))
+@functools.partial(jax.jit, static_argnames=("activation", "interpret", "launch"))
 def conv_backward(x: jax.Array, weight: jax.Array, codes: jax.Array | None, dy: jax.Array, *,
-                  activation: str | None, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(dx [B, T, D] in x's dtype, dweight [W, D] float32) for y = conv_forward(x, weight, codes)."""
+                  activation: str | None, interpret: bool = False,
+                  launch: tuple[int, int, int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """(dx [B, T, D] in x's dtype, dweight [W, D] float32) for y = conv_forward(x, weight, codes).
+
+    Two kernels: the first recomputes the pre-activation and writes g = dy * act'(pre) (float32 for
+    float32 inputs, else bfloat16) with per-tile weight-gradient partials; the second sums the W
+    shifted rows of g into dx. A register tile cannot be shifted, so one kernel would recompute the
+    pre-activation W times. `launch`: (rows, channels, warps) per program, BWD_LAUNCH if None."""
     b, t, d = x.shape
     width = weight.shape[0]
-    rows, want = BWD_TILE
+    rows, want, warps = launch or BWD_LAUNCH
     bd = _channel_block(d, want)
-    tp = pl.cdiv(t, rows) * rows
-    xp = _pad_rows(x, width - 1, tp - t + width - 1)          # [B, Tp + 2 (W - 1), D]
-    dyp = _pad_rows(dy, 0, tp - t + width - 1)                # [B, Tp + W - 1, D], zeros past T
-    in_specs = [pl.BlockSpec((None, xp.shape[1], bd), lambda i, n, c: (i, 0, c)),
-                pl.BlockSpec((width, bd), lambda i, n, c: (0, c)),
-                pl.BlockSpec((None, dyp.shape[1], bd), lambda i, n, c: (i, 0, c))]
-    args = [xp, weight, dyp]
-    if codes is not None:
-        in_specs.append(pl.BlockSpec((None, xp.shape[1]), lambda i, n, c: (i, 0)))
-        args.append(_padded_codes(codes, width - 1, tp - t + width - 1))
-    nt = tp // rows
-    dx, dw = pl.pallas_call(
-        functools.partial(_bwd_kernel, width=width, rows=rows, activation=activation, has_codes=codes is not None),
-        out_shape=(jax.ShapeDtypeStruct((b, tp, d), x.dtype), jax.ShapeDtypeStruct((b, nt, width, d), jnp.float32)),
-        grid=(b, nt, d // bd), in_specs=in_specs,
-        out_specs=(pl.BlockSpec((None, rows, bd), lambda i, n, c: (i, n, c)),
-                   pl.BlockSpec((None, None, width, bd), lambda i, n, c: (i, n, 0, c))),
-        interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
-        name="short_conv_bwd",
-    )(*args)
-    return (dx[:, :t] if tp != t else dx), dw.sum(axis=(0, 1))
+    lead = _lead(width, interpret)
+    x_specs, x_args = _inputs(x, codes, bd, lead)
+    w_spec = pl.BlockSpec((width, bd), lambda i, n, c: (0, c))
+    full = pl.BlockSpec((None, t, bd), lambda i, n, c: (i, 0, c))
+    nt = pl.cdiv(t, rows)
+    params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
+    g_dtype = jnp.float32 if x.dtype == jnp.float32 else jnp.bfloat16
+    g, dw = pl.pallas_call(
+        functools.partial(_grad_kernel, width=width, rows=rows, t=t, lead=lead, activation=activation,
+                          has_codes=codes is not None),
+        out_shape=(jax.ShapeDtypeStruct((b, t, d), g_dtype), jax.ShapeDtypeStruct((b, nt, width, d), jnp.float32)),
+        grid=(b, nt, d // bd), in_specs=[x_specs[0], w_spec, full, *x_specs[1:]],
+        out_specs=(full, pl.BlockSpec((None, None, width, bd), lambda i, n, c: (i, n, 0, c))),
+        interpret=interpret, compiler_params=params, name="short_conv_bwd_grad",
+    )(x_args[0], weight, dy, *x_args[1:])
+    c_args = [codes.astype(jnp.int32)] if codes is not None else []
+    c_specs = [pl.BlockSpec((None, t), lambda i, n, c: (i, 0))] if codes is not None else []
+    dx = pl.pallas_call(
+        functools.partial(_dx_kernel, width=width, rows=rows, t=t, has_codes=codes is not None),
+        out_shape=jax.ShapeDtypeStruct((b, t, d), x.dtype), grid=(b, nt, d // bd),
+        in_specs=[full, w_spec, *c_specs], out_specs=full, interpret=interpret, compiler_params=params,
+        name="short_conv_bwd_dx",
+    )(g, weight, *c_args)
+    return dx, dw.sum(axis=(0, 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
