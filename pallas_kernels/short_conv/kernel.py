@@ -86,16 +86,21 @@ def _masked(v: jax.Array, mask: jax.Array | None) -> jax.Array:
     return v if mask is None else jnp.where(mask, v, 0.0)
 
 
+def _pre(r: _Rows, w_ref, width: int) -> jax.Array:
+    """float32 pre-activation [rows, C] of output rows t0 + i: tap j reads row t - (W - 1) + j."""
+    pre = jnp.zeros((r.rows, w_ref.shape[-1]), jnp.float32)
+    for j in range(width):
+        m = j - (width - 1)
+        pre = pre + _masked(r.x(m) * w_ref[j, :].astype(jnp.float32)[None, :], r.feeds(m, 0))
+    return pre
+
+
 def _fwd_kernel(x_ref, w_ref, *refs, width: int, rows: int, t: int, lead: int, activation, has_codes: bool):
     codes_ref = refs[0] if has_codes else None
     y_ref = refs[-1]
     t0 = pl.program_id(1) * rows
     r = _Rows(x_ref, codes_ref, t0, rows, t, lead)
-    pre = jnp.zeros((rows, y_ref.shape[-1]), jnp.float32)
-    for j in range(width):           # tap j reads row t - (W - 1) + j
-        m = j - (width - 1)
-        pre = pre + _masked(r.x(m) * w_ref[j, :].astype(jnp.float32)[None, :], r.feeds(m, 0))
-    plgpu.store(y_ref.at[pl.ds(t0, rows)], _act(pre, activation).astype(y_ref.dtype),
+    plgpu.store(y_ref.at[pl.ds(t0, rows)], _act(_pre(r, w_ref, width), activation).astype(y_ref.dtype),
                 mask=r.inside(0)[:, None])
 
 
@@ -106,10 +111,7 @@ def _grad_kernel(x_ref, w_ref, dy_ref, *refs, width: int, rows: int, t: int, lea
     g_ref, dw_ref = refs[-2:]
     t0 = pl.program_id(1) * rows
     r = _Rows(x_ref, codes_ref, t0, rows, t, lead)
-    pre = jnp.zeros((rows, g_ref.shape[-1]), jnp.float32)
-    for j in range(width):
-        m = j - (width - 1)
-        pre = pre + _masked(r.x(m) * w_ref[j, :].astype(jnp.float32)[None, :], r.feeds(m, 0))
+    pre = _pre(r, w_ref, width)
     dy = plgpu.load(dy_ref.at[pl.ds(t0, rows)], mask=r.inside(0)[:, None], other=0).astype(jnp.float32)
     g = dy * _act_grad(pre, activation)
     for j in range(width):            # dw[j] = sum over output rows s of g[s] x[s - (W - 1) + j]
@@ -154,15 +156,18 @@ def _led(a: jax.Array, lead: int, value=0) -> jax.Array:
     return jnp.pad(a, widths, constant_values=value)
 
 
-def _inputs(x, codes, bd: int, lead: int):
+def _x_input(x: jax.Array, bd: int, lead: int) -> tuple[pl.BlockSpec, jax.Array]:
+    """x [B, T, D] (led) as whole-T, bd-channel blocks."""
     xl = _led(x, lead)
-    specs = [pl.BlockSpec((None, xl.shape[1], bd), lambda i, n, c: (i, 0, c))]
-    args = [xl]
-    if codes is not None:
-        cl = _led(codes.astype(jnp.int32), lead, value=-1)
-        specs.append(pl.BlockSpec((None, cl.shape[1]), lambda i, n, c: (i, 0)))
-        args.append(cl)
-    return specs, args
+    return pl.BlockSpec((None, xl.shape[1], bd), lambda i, n, c: (i, 0, c)), xl
+
+
+def _codes_input(codes: jax.Array | None, lead: int) -> tuple[list, list]:
+    """([spec], [codes [B, T] int32, led]) or ([], []) without codes: the kernels' optional last inputs."""
+    if codes is None:
+        return [], []
+    cl = _led(codes.astype(jnp.int32), lead, value=-1)
+    return [pl.BlockSpec((None, cl.shape[1]), lambda i, n, c: (i, 0))], [cl]
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "interpret", "launch"))
@@ -175,16 +180,16 @@ def conv_forward(x: jax.Array, weight: jax.Array, codes: jax.Array | None, *, ac
     rows, want, warps = launch or FWD_LAUNCH
     bd = _channel_block(d, want)
     lead = _lead(width, interpret)
-    x_specs, x_args = _inputs(x, codes, bd, lead)
-    in_specs = [x_specs[0], pl.BlockSpec((width, bd), lambda i, n, c: (0, c)), *x_specs[1:]]
-    args = [x_args[0], weight, *x_args[1:]]
+    x_spec, xl = _x_input(x, bd, lead)
+    c_specs, c_args = _codes_input(codes, lead)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, width=width, rows=rows, t=t, lead=lead, activation=activation,
                           has_codes=codes is not None),
         out_shape=jax.ShapeDtypeStruct((b, t, d), x.dtype), grid=(b, pl.cdiv(t, rows), d // bd),
-        in_specs=in_specs, out_specs=pl.BlockSpec((None, t, bd), lambda i, n, c: (i, 0, c)), interpret=interpret,
+        in_specs=[x_spec, pl.BlockSpec((width, bd), lambda i, n, c: (0, c)), *c_specs],
+        out_specs=pl.BlockSpec((None, t, bd), lambda i, n, c: (i, 0, c)), interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1), name="short_conv_fwd",
-    )(*args)
+    )(xl, weight, *c_args)
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "interpret", "launch"))
@@ -202,7 +207,8 @@ def conv_backward(x: jax.Array, weight: jax.Array, codes: jax.Array | None, dy: 
     rows, want, warps = launch or BWD_LAUNCH
     bd = _channel_block(d, want)
     lead = _lead(width, interpret)
-    x_specs, x_args = _inputs(x, codes, bd, lead)
+    x_spec, xl = _x_input(x, bd, lead)
+    c_specs, c_args = _codes_input(codes, lead)
     w_spec = pl.BlockSpec((width, bd), lambda i, n, c: (0, c))
     full = pl.BlockSpec((None, t, bd), lambda i, n, c: (i, 0, c))
     nt = pl.cdiv(t, rows)
@@ -212,12 +218,11 @@ def conv_backward(x: jax.Array, weight: jax.Array, codes: jax.Array | None, dy: 
         functools.partial(_grad_kernel, width=width, rows=rows, t=t, lead=lead, activation=activation,
                           has_codes=codes is not None),
         out_shape=(jax.ShapeDtypeStruct((b, t, d), g_dtype), jax.ShapeDtypeStruct((b, nt, width, d), jnp.float32)),
-        grid=(b, nt, d // bd), in_specs=[x_specs[0], w_spec, full, *x_specs[1:]],
+        grid=(b, nt, d // bd), in_specs=[x_spec, w_spec, full, *c_specs],
         out_specs=(full, pl.BlockSpec((None, None, width, bd), lambda i, n, c: (i, n, 0, c))),
         interpret=interpret, compiler_params=params, name="short_conv_bwd_grad",
-    )(x_args[0], weight, dy, *x_args[1:])
-    c_args = [codes.astype(jnp.int32)] if codes is not None else []
-    c_specs = [pl.BlockSpec((None, t), lambda i, n, c: (i, 0))] if codes is not None else []
+    )(xl, weight, dy, *c_args)
+    c_specs, c_args = _codes_input(codes, 0)   # the dx kernel's offsets are all >= 0
     dx = pl.pallas_call(
         functools.partial(_dx_kernel, width=width, rows=rows, t=t, has_codes=codes is not None),
         out_shape=jax.ShapeDtypeStruct((b, t, d), x.dtype), grid=(b, nt, d // bd),
