@@ -21,6 +21,9 @@ cells: the small models leave most of the GPU idle. Writes to --out: `mqar_runs.
 `mqar_setting.json`.
 `--train-mix` trains on a mixture of easier tasks padded to the sequence length, as Zoology does
 (the default trains on the test task alone).
+`--lrs-together` trains a cell's learning rates side by side, their states stacked and updated by
+one vmapped step on the same batches (small models' updates are bound by kernel latency, so a sweep
+should then cost little more than one run).
 
 `--quick` is a CPU-sized version, stated in the output too: 64-token sequences with 8 pairs over 64
 tokens, dimensions 16 and 32, one learning rate, 300 updates, and short convolutions on DeltaNet and
@@ -77,6 +80,7 @@ class Setting:
     # (model, dim) cells to train, () for the whole models x dims grid (a worker process's share)
     cells: tuple[tuple[str, int], ...] = ()
     workers: int = 1  # processes training cells at once (one device shared); see run_parallel
+    lrs_together: bool = False  # a cell's learning rates trained side by side (train_together)
 
     def lrs_for(self, model: str) -> tuple[float, ...]:
         """The learning rates tried for `model`, in order."""
@@ -116,11 +120,13 @@ class Setting:
             lrs = "; ".join(f"{MODEL_LABELS[m]} {', '.join(f'{lr:g}' for lr in self.lrs_for(m))}" for m in self.models)
         where = (f"{self.workers} processes sharing the device, each training its cells" if self.workers > 1
                  else "one process")
+        together = ("a cell's learning rates trained side by side, one vmapped update, all stopped once one "
+                    "reaches the target" if self.lrs_together else "a cell that reaches the target skips the rest")
         return (f"budget per run: at most {self.max_steps} updates of {self.batch_size} sequences "
                 f"({epochs:.1f} epochs of {self.train_examples} training examples), warmup {self.warmup_steps}, "
                 f"cosine decay to lr/10, test accuracy on {self.test_used} examples every {self.eval_every} "
                 f"updates, early stop at {self.target}; learning rates {lrs} "
-                f"(a cell that reaches the target skips the rest); {self.time_limit:.0f} s in {where}, each run "
+                f"({together}); {self.time_limit:.0f} s in {where}, each run "
                 f"stopped at its equal share of the time left")
 
     @property
@@ -178,7 +184,7 @@ class RunResult:
     test_loss: float = math.nan
     seconds: float = 0.0
     status: str = "not run"  # reached target, budget spent, diverged, cut (time limit), skipped (target reached),
-    #                          not run (time limit)
+    #                          not run (time limit), failed, stopped (another lr reached the target)
 
 
 class Cell:
@@ -220,9 +226,21 @@ class Cell:
             return hit.sum(), mask.sum()
 
         self.correct = correct
+        self._together = None
 
     def fresh_state(self, lr: float):
         return self._init_train_state(self._build(self.s.seed), self.tx_for(lr))[1]
+
+    def together(self) -> tuple[Callable, Callable, Callable]:
+        """(train step, correct, eval step) over states stacked on a leading axis (one per learning
+        rate), the batch shared: `jax.vmap` of the single-state functions, jitted, built once."""
+        import jax
+
+        if self._together is None:
+            self._together = (jax.jit(jax.vmap(self.train_step, in_axes=(0, None)), donate_argnums=0),
+                              jax.jit(jax.vmap(self.correct, in_axes=(0, None))),
+                              jax.jit(jax.vmap(self.eval_step, in_axes=(0, None))))
+        return self._together
 
 
 def training_pool(s: Setting) -> tuple[Any, Any]:
@@ -314,6 +332,68 @@ def train_run(cell: Cell, lr: float, train, test_batches, log: Callable[[str], N
     return result
 
 
+def train_together(cell: Cell, lrs: Sequence[float], train, test_batches, log: Callable[[str], None],
+                   deadline: float = math.inf) -> list[RunResult]:
+    """Train the learning rates `lrs` of `cell` side by side: their states stacked on a leading axis,
+    updated by one vmapped step on the batches a separate `train_run` of each would see (same
+    initial weights, same order): for a model whose update is bound by kernel latency, a sweep for
+    little more than the time of one run. All stop together: once one reaches the target (the others marked
+    "stopped (another lr reached the target)"), at the step budget, or at `deadline` (evaluated once
+    more, marked cut). A learning rate whose training loss turns non-finite is marked diverged and
+    keeps its last finite evaluation. Returns one RunResult per learning rate, in order."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    s = cell.s
+    step_fn, correct_fn, eval_fn = cell.together()
+    results = [RunResult(cell.model, cell.dim, lr, params=cell.params, status="budget spent") for lr in lrs]
+    t0 = time.perf_counter()
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *[cell.fresh_state(lr) for lr in lrs])
+    data = _batches(train, s.batch_size, seed=s.seed + 1)
+    tag = f"[{cell.model} d={cell.dim} lr={'/'.join(f'{lr:g}' for lr in lrs)}]"
+    live = np.ones(len(lrs), bool)
+    show = lambda xs: "/".join(f"{x:.3f}" for x in xs)  # noqa: E731
+    step = 0
+    mark, mark_step = time.perf_counter(), 0
+    while step < s.max_steps:
+        state, metrics = step_fn(state, next(data))
+        step += 1
+        cut = time.perf_counter() > deadline
+        if step % s.eval_every == 0 or step == s.max_steps or cut:
+            train_loss = np.asarray(metrics["loss"], np.float64)
+            step_ms = (time.perf_counter() - mark) / (step - mark_step) * 1e3
+            hits = total = loss = 0.0
+            for batch in test_batches:
+                h, n = correct_fn(state, batch)
+                l_sum, _ = eval_fn(state, batch)
+                hits, total, loss = hits + np.asarray(h, np.float64), total + np.asarray(n, np.float64), \
+                    loss + np.asarray(l_sum, np.float64)
+            acc, test_loss = hits / np.maximum(total, 1.0), loss / np.maximum(total, 1.0)
+            for i, r in enumerate(results):
+                if live[i] and not math.isfinite(train_loss[i]):
+                    live[i], r.status, r.steps = False, "diverged", step
+                    log(f"{tag} step {step}: training loss {train_loss[i]} at lr {r.lr:g}, diverged")
+                elif live[i]:
+                    r.steps, r.accuracy, r.test_loss = step, float(acc[i]), float(test_loss[i])
+            log(f"{tag} step {step:5d}  train loss {show(train_loss)}  test loss {show(test_loss)}  "
+                f"acc {show(acc)}  ({time.perf_counter() - t0:.1f} s, {step_ms:.1f} ms per update)")
+            mark, mark_step = time.perf_counter(), step
+            reached = {i for i, r in enumerate(results) if live[i] and r.accuracy >= s.target}
+            if reached or cut or not live.any():
+                for i, r in enumerate(results):
+                    if live[i] and reached:
+                        r.status = "reached target" if i in reached else "stopped (another lr reached the target)"
+                    elif live[i] and cut:
+                        r.status = "cut (time limit)"
+                break
+    seconds = time.perf_counter() - t0
+    for i, r in enumerate(results):
+        r.steps = r.steps if not live[i] else max(r.steps, step)
+        r.seconds = seconds
+    return results
+
+
 def schedule(s: Setting) -> list[tuple[str, int, float]]:
     """Every run (model, dim, lr) in training order: first learning rates of all cells, then second
     ones, and so on."""
@@ -370,9 +450,23 @@ def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print, head
         log(f"data: {s.train_examples} training and {s.test_used} test examples "
             f"generated in {time.perf_counter() - t_start:.1f} s")
 
-    cells: dict[tuple[str, int], Cell] = {}
     order = schedule(s)
     results = {run: RunResult(*run) for run in order}
+    if s.lrs_together:  # one run per cell, its learning rates side by side
+        grid = s.grid()
+        for position, (m, d) in enumerate(grid):
+            now = time.perf_counter()
+            if now - t_start > s.time_limit:
+                for lr in s.lrs_for(m):
+                    results[(m, d, lr)].status = "not run (time limit)"
+                continue
+            share = (t_start + s.time_limit - now) / (len(grid) - position)
+            cell = Cell(m, d, s)
+            log(f"[{m} d={d}] {cell.params:,} parameters (built in {time.perf_counter() - now:.1f} s)")
+            for r in train_together(cell, s.lrs_for(m), train, test_batches, log, deadline=now + share):
+                results[(m, d, r.lr)] = r
+        order = []
+    cells: dict[tuple[str, int], Cell] = {}
     solved: set[tuple[str, int]] = set()
     for position, (m, d, lr) in enumerate(order):  # one learning rate at a time over all cells
         r = results[(m, d, lr)]
@@ -665,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
                         + (",".join(f"{a}:{b}:{c:g}" for a, b, c in defaults.train_mix) or "none") + ")")
     p.add_argument("--short-conv", action="store_const", const=True,
                    help="give DeltaNet and linear attention their short convolutions (the paper's setting has none)")
+    p.add_argument("--lrs-together", action="store_const", const=True,
+                   help="train each cell's learning rates side by side in one vmapped update (one run per "
+                        "cell, stopped once one reaches the target) instead of one after another")
     p.add_argument("--implementation", choices=("chunked", "recurrent", "pallas"),
                    help="delta-rule kernel (default: pallas on GPU, chunked elsewhere)")
     p.add_argument("--workers", type=int, help="processes training cells at once, sharing the device (default: "
