@@ -281,14 +281,19 @@ def _batches(arrays: tuple[Any, Any], batch_size: int, seed: int):
             yield {"inputs": inputs[idx], "targets": targets[idx]}
 
 
-def _evaluate(cell: Cell, state, test_batches) -> tuple[float, float]:
-    """(accuracy over query positions, mean loss over query positions) on the test set."""
+def _evaluate(correct: Callable, eval_step: Callable, state, test_batches) -> tuple[Any, Any]:
+    """(accuracy over query positions, mean loss over query positions) on the test set, float64:
+    scalars for one state (`Cell.correct`, `Cell.eval_step`), `[R]` for stacked ones (`Cell.together`)."""
+    import numpy as np
+
     hits = total = loss = 0.0
     for batch in test_batches:
-        h, n = cell.correct(state, batch)
-        l_sum, _ = cell.eval_step(state, batch)
-        hits, total, loss = hits + float(h), total + float(n), loss + float(l_sum)
-    return hits / max(total, 1.0), loss / max(total, 1.0)
+        h, n = correct(state, batch)
+        l_sum, _ = eval_step(state, batch)
+        hits = hits + np.asarray(h, np.float64)
+        total = total + np.asarray(n, np.float64)
+        loss = loss + np.asarray(l_sum, np.float64)
+    return hits / np.maximum(total, 1.0), loss / np.maximum(total, 1.0)
 
 
 def train_run(cell: Cell, lr: float, train, test_batches, log: Callable[[str], None],
@@ -316,8 +321,8 @@ def train_run(cell: Cell, lr: float, train, test_batches, log: Callable[[str], N
                 result.status = "diverged"
                 log(f"{tag} step {step}: training loss {train_loss}, stopped")
                 break
-            acc, test_loss = _evaluate(cell, state, test_batches)
-            result.steps, result.accuracy, result.test_loss = step, acc, test_loss
+            acc, test_loss = _evaluate(cell.correct, cell.eval_step, state, test_batches)
+            result.steps, result.accuracy, result.test_loss = step, float(acc), float(test_loss)
             log(f"{tag} step {step:5d}  train loss {train_loss:.3f}  test loss {test_loss:.3f}  "
                 f"acc {acc:.3f}  ({time.perf_counter() - t0:.1f} s, {step_ms:.1f} ms per update)")
             mark, mark_step = time.perf_counter(), step
@@ -363,13 +368,7 @@ def train_together(cell: Cell, lrs: Sequence[float], train, test_batches, log: C
         if step % s.eval_every == 0 or step == s.max_steps or cut:
             train_loss = np.asarray(metrics["loss"], np.float64)
             step_ms = (time.perf_counter() - mark) / (step - mark_step) * 1e3
-            hits = total = loss = 0.0
-            for batch in test_batches:
-                h, n = correct_fn(state, batch)
-                l_sum, _ = eval_fn(state, batch)
-                hits, total, loss = hits + np.asarray(h, np.float64), total + np.asarray(n, np.float64), \
-                    loss + np.asarray(l_sum, np.float64)
-            acc, test_loss = hits / np.maximum(total, 1.0), loss / np.maximum(total, 1.0)
+            acc, test_loss = _evaluate(correct_fn, eval_fn, state, test_batches)
             for i, r in enumerate(results):
                 if live[i] and not math.isfinite(train_loss[i]):
                     live[i], r.status, r.steps = False, "diverged", step
