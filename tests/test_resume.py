@@ -108,8 +108,10 @@ def test_sigkill_after_a_checkpoint_then_resume_is_exact(uninterrupted, tmp_path
 
 def test_sigterm_saves_and_stops(tmp_path):
     run_dir = tmp_path / "term"
+    # no periodic save: steps take milliseconds, so the signal may land after step 20
     proc = subprocess.Popen([sys.executable, "-m", "experiments.pretrain", "--run-dir", str(run_dir), *ARGS,
-                             "train.steps=100000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                             "train.steps=100000", "checkpoint.every_steps=100000"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 240
