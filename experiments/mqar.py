@@ -19,8 +19,11 @@ side by side, one process each (`--workers`), every process with the whole time 
 cells: the small models leave most of the GPU idle. Writes to --out: `mqar_runs.csv` (every run),
 `mqar.csv` (best per cell), `mqar.png` (best accuracy against model dimension per model) and
 `mqar_setting.json`.
-`--train-mix` trains on a mixture of easier tasks padded to the sequence length, as Zoology does
-(the default trains on the test task alone).
+Training examples come, as in Zoology's MQAR sweeps, from a mix of easier tasks (`--train-mix`,
+default 64 tokens with 4 pairs, 128 with 8, 256 with 16 and 32, and the 512-token test task), the
+shorter ones packed `seq_len // length` to a row with segment ids that restart the DeltaNet state
+and mask attention at each example (`--no-pack-mix` pads each to a row of its own instead);
+`--train-mix none` trains on the test task alone.
 `--lrs-together` trains a cell's learning rates side by side, their states stacked and updated by
 one vmapped step on the same batches (small models' updates are bound by kernel latency, so a sweep
 should then cost little more than one run).
@@ -48,6 +51,10 @@ MODELS = ("deltanet", "linear", "attention")
 MODEL_LABELS = {"deltanet": "DeltaNet", "attention": "Transformer++ (attention)", "linear": "Linear attention"}
 
 
+# Zoology's MQAR training mix (seq_len, num_kv_pairs, share), the test task last.
+ZOOLOGY_MIX = ((64, 4, 0.4), (128, 8, 0.15), (256, 16, 0.15), (256, 32, 0.15), (512, 64, 0.15))
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """Task, grid and budget of one invocation."""
@@ -63,10 +70,10 @@ class Setting:
     dims: tuple[int, ...] = (64, 128, 256, 512)
     # None: each model's own learning rate (DEFAULT_LRS); a tuple: these, in order, for every model
     lrs: tuple[float, ...] | None = None
-    batch_size: int = 64
+    batch_size: int = 128  # rows of seq_len tokens per update (a packed row holds several examples)
     train_examples: int = 100_000
     test_examples: int = 1_024
-    max_steps: int = 30_000
+    max_steps: int = 10_000
     warmup_steps: int = 200
     eval_every: int = 500
     weight_decay: float = 0.1
@@ -74,9 +81,11 @@ class Setting:
     time_limit: float = 540.0  # seconds for the whole grid, shared out among the runs still to come
     seed: int = 0
     implementation: str | None = None  # delta-rule kernel (None: pallas on GPU, chunked elsewhere)
-    # Training pool as Zoology trains: (seq_len, num_kv_pairs, share) tasks, shorter ones padded at the
-    # end to seq_len; () trains on the test task alone. Test examples are always (seq_len, num_kv_pairs).
-    train_mix: tuple[tuple[int, int, float], ...] = ()
+    # Training pool as Zoology trains: (seq_len, num_kv_pairs, share) tasks, shorter ones packed or padded to
+    # seq_len rows (pack_mix); () trains on the test task alone. Test examples are always (seq_len, num_kv_pairs).
+    train_mix: tuple[tuple[int, int, float], ...] = ZOOLOGY_MIX
+    # shorter mix tasks packed seq_len // length examples to a row (segment ids), or padded one to a row
+    pack_mix: bool = True
     # (model, dim) cells to train, () for the whole models x dims grid (a worker process's share)
     cells: tuple[tuple[str, int], ...] = ()
     workers: int = 1  # processes training cells at once (one device shared); see run_parallel
@@ -92,10 +101,14 @@ class Setting:
         chosen = set(self.cells)
         return [c for c in every if c in chosen] if chosen else every
 
+    def per_row(self, length: int) -> int:
+        """Training examples of a `length`-token task in one row: seq_len // length when packed."""
+        return self.seq_len // length if self.pack_mix else 1
+
     @property
     def label_slots(self) -> int:
-        """Labelled positions per row at most (the most pairs of any task): the loss's logits."""
-        return max([self.num_kv_pairs] + [pairs for _, pairs, _ in self.train_mix])
+        """Labelled positions per row at most (pairs times examples per row): the loss's logits."""
+        return max([self.num_kv_pairs] + [pairs * self.per_row(length) for length, pairs, _ in self.train_mix])
 
     def task(self, seq_len: int | None = None, num_kv_pairs: int | None = None):
         """The MQARConfig of this setting's test task, or of a (seq_len, num_kv_pairs) variant of it."""
@@ -110,10 +123,25 @@ class Setting:
             return f"training examples: the test task ({self.seq_len} tokens, {self.num_kv_pairs} pairs)"
         total = sum(w for _, _, w in self.train_mix)
         parts = ", ".join(f"{w / total:.0%} {n} pairs in {length} tokens" for length, n, w in self.train_mix)
-        return f"training examples: a mix of {parts} (padded to {self.seq_len})"
+        how = (f"shorter ones packed {self.seq_len} // length to a {self.seq_len}-token row, segment ids "
+               f"between them" if self.pack_mix else f"each padded to {self.seq_len}")
+        return f"training examples: a mix of {parts} ({how})"
+
+    def mix_counts(self) -> list[int]:
+        """Training examples of each `train_mix` task (they add up to train_examples)."""
+        total = sum(w for _, _, w in self.train_mix)
+        counts = [int(self.train_examples * w / total) for _, _, w in self.train_mix]
+        counts[0] += self.train_examples - sum(counts)
+        return counts
+
+    @property
+    def train_rows(self) -> int:
+        """Rows of the training pool: one per example, fewer when shorter tasks are packed."""
+        if not self.train_mix:
+            return self.train_examples
+        return sum(-(-n // self.per_row(length)) for (length, _, _), n in zip(self.train_mix, self.mix_counts()))
 
     def budget_text(self) -> str:
-        epochs = self.max_steps * self.batch_size / self.train_examples
         if self.lrs is not None:
             lrs = ", ".join(f"{lr:g}" for lr in self.lrs)
         else:
@@ -122,8 +150,13 @@ class Setting:
                  else "one process")
         together = ("a cell's learning rates trained side by side, one vmapped update, all stopped once one "
                     "reaches the target" if self.lrs_together else "a cell that reaches the target skips the rest")
-        return (f"budget per run: at most {self.max_steps} updates of {self.batch_size} sequences "
-                f"({epochs:.1f} epochs of {self.train_examples} training examples), warmup {self.warmup_steps}, "
+        rows = self.train_rows
+        per_update = f" (~{self.batch_size * self.train_examples / rows:.0f} examples)" if rows != self.train_examples else ""
+        epochs = self.max_steps * self.batch_size / rows
+        unit = "rows" if per_update else "sequences"
+        return (f"budget per run: at most {self.max_steps} updates of {self.batch_size} {unit}{per_update} "
+                f"({epochs:.1f} epochs of {self.train_examples} training examples in {rows} rows), "
+                f"warmup {self.warmup_steps}, "
                 f"cosine decay to lr/10, test accuracy on {self.test_used} examples every {self.eval_every} "
                 f"updates, early stop at {self.target}; learning rates {lrs} "
                 f"({together}); {self.time_limit:.0f} s in {where}, each run "
@@ -145,7 +178,7 @@ class Setting:
 # for 10,000 at 3e-3.
 DEFAULT_LRS = {"deltanet": (3e-3,), "linear": (3e-3,), "attention": (1e-3,)}
 
-QUICK = dict(vocab_size=64, seq_len=64, num_kv_pairs=8, short_conv=True, dims=(16, 32), lrs=(3e-3,),
+QUICK = dict(vocab_size=64, seq_len=64, num_kv_pairs=8, short_conv=True, dims=(16, 32), lrs=(3e-3,), train_mix=(),
              batch_size=32, train_examples=4_000, test_examples=256, max_steps=300, warmup_steps=20,
              eval_every=50, time_limit=1800.0)
 
@@ -243,42 +276,55 @@ class Cell:
         return self._together
 
 
-def training_pool(s: Setting) -> tuple[Any, Any]:
-    """(inputs, targets) int32 [train_examples, seq_len]: the test task's examples, or with
-    `s.train_mix` each listed task's share of them, padded at the end with token 0 / ignored targets."""
+def training_pool(s: Setting) -> tuple[Any, Any, Any]:
+    """(inputs, targets, segment_ids) int32 [rows, seq_len]: the test task's examples (segment_ids
+    None), or with `s.train_mix` each listed task's share of `train_examples`, packed
+    `s.per_row(length)` to a row (segment ids 1, 2, ... per example, 0 with ignored targets for
+    the padding) or padded one to a row."""
     import numpy as np
 
     from deltanet_jax.data.synthetic import IGNORE_INDEX, multiquery_ar
 
     if not s.train_mix:
-        return multiquery_ar(s.train_examples, s.task(), seed=s.seed)
-    total = sum(w for _, _, w in s.train_mix)
-    counts = [int(s.train_examples * w / total) for _, _, w in s.train_mix]
-    counts[0] += s.train_examples - sum(counts)
-    inputs = np.zeros((s.train_examples, s.seq_len), np.int32)
-    targets = np.full((s.train_examples, s.seq_len), IGNORE_INDEX, np.int32)
+        x, y = multiquery_ar(s.train_examples, s.task(), seed=s.seed)
+        return x, y, None
+    rows = s.train_rows
+    inputs = np.zeros((rows, s.seq_len), np.int32)
+    targets = np.full((rows, s.seq_len), IGNORE_INDEX, np.int32)
+    segments = np.zeros((rows, s.seq_len), np.int32)
     row = 0
-    for i, ((length, pairs, _), n) in enumerate(zip(s.train_mix, counts)):
+    for i, ((length, pairs, _), n) in enumerate(zip(s.train_mix, s.mix_counts())):
         if n == 0:
             continue
         x, y = multiquery_ar(n, s.task(length, pairs), seed=s.seed + 101 * i)
-        inputs[row:row + n, :length], targets[row:row + n, :length] = x, y
-        row += n
-    return inputs, targets
+        k = s.per_row(length)
+        used = -(-n // k)
+        for j in range(k):  # example e goes to row e // k, slot e % k
+            part = slice(j, n, k)
+            m = len(x[part])
+            cols = slice(j * length, (j + 1) * length)
+            inputs[row:row + m, cols], targets[row:row + m, cols] = x[part], y[part]
+            segments[row:row + m, cols] = j + 1
+        row += used
+    return inputs, targets, segments
 
 
-def _batches(arrays: tuple[Any, Any], batch_size: int, seed: int):
-    """Endless shuffled batches {inputs, targets} over a fixed pool (a new permutation per epoch)."""
+def _batches(pool: tuple[Any, Any, Any], batch_size: int, seed: int):
+    """Endless shuffled batches {inputs, targets[, segment_ids]} over a fixed pool of rows (a new
+    permutation per epoch)."""
     import numpy as np
 
-    inputs, targets = arrays
+    inputs, targets, segments = pool
     rng = np.random.default_rng(seed)
     n = len(inputs)
     while True:
         order = rng.permutation(n)
         for i in range(0, n - batch_size + 1, batch_size):
             idx = order[i:i + batch_size]
-            yield {"inputs": inputs[idx], "targets": targets[idx]}
+            batch = {"inputs": inputs[idx], "targets": targets[idx]}
+            if segments is not None:
+                batch["segment_ids"] = segments[idx]
+            yield batch
 
 
 def _evaluate(correct: Callable, eval_step: Callable, state, test_batches) -> tuple[Any, Any]:
@@ -446,7 +492,7 @@ def run_grid(s: Setting, out_dir: Path, log: Callable[[str], None] = print, head
     if not test_batches:
         raise ValueError(f"test_examples={s.test_examples} must be at least batch_size={s.batch_size}")
     if header:
-        log(f"data: {s.train_examples} training and {s.test_used} test examples "
+        log(f"data: {s.train_examples} training examples in {s.train_rows} rows and {s.test_used} test examples "
             f"generated in {time.perf_counter() - t_start:.1f} s")
 
     order = schedule(s)
@@ -577,7 +623,8 @@ def profile_cells(s: Setting, steps: int, log: Callable[[str], None] = print, ti
     from experiments.bench_train import print_profile, profile_jax_steps
     from experiments.timing import median_ms, pipelined_ms
 
-    pool = training_pool(dataclasses.replace(s, train_examples=max(4 * s.batch_size, 256)))
+    per_row = s.train_examples / s.train_rows  # examples per row, > 1 with packing
+    pool = training_pool(dataclasses.replace(s, train_examples=max(math.ceil(8 * s.batch_size * per_row), 256)))
     rows = []
     for m, d in s.grid():
         t0 = time.perf_counter()
@@ -754,8 +801,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=kind, help=f"default {getattr(defaults, name.replace('-', '_'))}")
     p.add_argument("--train-mix", type=_mix,
                    help="training tasks as seq_len:pairs:share triples, e.g. 64:4:0.4,512:64:0.6 (shorter ones "
-                        "padded to --seq-len), or none for the test task alone (default: "
+                        "packed or padded to --seq-len rows), or none for the test task alone (default, Zoology's: "
                         + (",".join(f"{a}:{b}:{c:g}" for a, b, c in defaults.train_mix) or "none") + ")")
+    p.add_argument("--pack-mix", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack shorter --train-mix tasks seq_len // length examples to a row, segment ids between "
+                        "them (default); --no-pack-mix pads each example to a row of its own")
     p.add_argument("--short-conv", action="store_const", const=True,
                    help="give DeltaNet and linear attention their short convolutions (the paper's setting has none)")
     p.add_argument("--lrs-together", action="store_const", const=True,
@@ -785,16 +835,18 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
             raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     if s.warmup_steps < 0 or s.seed < 0 or s.weight_decay < 0:
         raise ValueError("warmup-steps, seed and weight-decay must be >= 0")
-    if s.train_examples < s.batch_size or s.test_examples < s.batch_size:
-        raise ValueError(f"train-examples and test-examples must be at least batch-size ({s.batch_size})")
+    for length, pairs, _ in s.train_mix:
+        if length > s.seq_len:
+            raise ValueError(f"train-mix sequence length {length} is longer than seq-len {s.seq_len}")
+    if s.train_rows < s.batch_size or s.test_examples < s.batch_size:
+        raise ValueError(f"the training rows ({s.train_rows} from train-examples {s.train_examples}) and "
+                         f"test-examples ({s.test_examples}) must be at least batch-size ({s.batch_size})")
     if s.workers < 1:
         raise ValueError(f"workers must be >= 1, got {s.workers}")
     if not 0 < s.target <= 1:
         raise ValueError(f"target must be in (0, 1], got {s.target}")
     s.task()
     for length, pairs, _ in s.train_mix:
-        if length > s.seq_len:
-            raise ValueError(f"train-mix sequence length {length} is longer than seq-len {s.seq_len}")
         s.task(length, pairs)
     for m in s.models:
         for d in s.dims:

@@ -110,7 +110,7 @@ def test_recall_accuracy():
 
 TINY = ["--vocab-size", "32", "--seq-len", "16", "--num-kv-pairs", "2", "--dims", "16", "--batch-size", "4",
         "--train-examples", "16", "--test-examples", "8", "--max-steps", "4", "--eval-every", "2",
-        "--warmup-steps", "1"]
+        "--warmup-steps", "1", "--train-mix", "none"]
 
 
 def _read(path):
@@ -187,7 +187,7 @@ def test_mqar_grid_skips_solved_cells_and_respects_time_limit(tmp_path, monkeypa
 
     monkeypatch.setattr(mqar, "Cell", FakeCell)
     monkeypatch.setattr(mqar, "train_run", fake_run)
-    s = mqar.Setting(vocab_size=32, seq_len=16, num_kv_pairs=2, models=("deltanet", "linear"), dims=(16, 32),
+    s = mqar.Setting(vocab_size=32, seq_len=16, num_kv_pairs=2, train_mix=(), models=("deltanet", "linear"), dims=(16, 32),
                      lrs=(1e-2, 1e-3), batch_size=4, train_examples=8, test_examples=8)
     runs = {(r.model, r.dim, r.lr): r for r in mqar.run_grid(s, tmp_path, log=lambda m: None)}
     assert runs[("deltanet", 16, 1e-3)].status == "skipped (target reached)"
@@ -225,19 +225,78 @@ def test_training_pool_mixes_tasks_padded_to_the_sequence_length():
     from experiments import mqar
 
     s = mqar.Setting(vocab_size=64, seq_len=48, num_kv_pairs=6, train_examples=100,
-                     train_mix=((16, 2, 1.0), (48, 6, 3.0)))
+                     train_mix=((16, 2, 1.0), (48, 6, 3.0)), pack_mix=False)
     task = MQARConfig(vocab_size=64, seq_len=48, num_kv_pairs=6)
-    x, y = mqar.training_pool(s)
-    assert x.shape == y.shape == (100, 48) and x.dtype == y.dtype == np.int32
+    x, y, seg = mqar.training_pool(s)
+    assert x.shape == y.shape == seg.shape == (100, 48) and x.dtype == y.dtype == np.int32
     labels = (y != IGNORE_INDEX).sum(axis=1)
     assert (labels[:25] == 2).all() and (labels[25:] == 6).all()
-    # short tasks: their own 16-token example, then token 0 with ignored targets
+    # short tasks: their own 16-token example, then token 0 with ignored targets (segment 0)
     assert (x[:25, 16:] == 0).all() and (y[:25, 16:] == IGNORE_INDEX).all()
+    assert (seg[:25, :16] == 1).all() and (seg[:25, 16:] == 0).all() and (seg[25:] == 1).all()
     assert x[:25, :4].min() >= 1 and (x[:25, 1:4:2] >= 32).all()
     # without a mix the pool is the test task itself
-    plain = mqar.training_pool(mqar.Setting(vocab_size=64, seq_len=48, num_kv_pairs=6, train_examples=10))
+    plain = mqar.training_pool(mqar.Setting(vocab_size=64, seq_len=48, num_kv_pairs=6, train_examples=10,
+                                            train_mix=()))
     np.testing.assert_array_equal(plain[0], multiquery_ar(10, task, seed=0)[0])
-    assert "25% 2 pairs in 16 tokens, 75% 6 pairs in 48 tokens" in s.mix_text()
+    assert plain[2] is None
+    assert "25% 2 pairs in 16 tokens, 75% 6 pairs in 48 tokens (each padded to 48)" in s.mix_text()
+
+
+def test_training_pool_packs_shorter_tasks():
+    """Packed: the same examples as padded, seq_len // length to a row with segment ids 1..k (the
+    last row of a task partly padding, segment 0), so fewer rows; label_slots counts a row's labels."""
+    from experiments import mqar
+
+    mix = ((8, 1, 1.0), (16, 2, 1.0), (32, 4, 1.0))
+    padded = mqar.Setting(vocab_size=64, seq_len=32, num_kv_pairs=4, train_examples=30, train_mix=mix,
+                          pack_mix=False)
+    packed = dataclass_replace(padded, pack_mix=True)
+    assert padded.train_rows == 30 and packed.train_rows == 3 + 5 + 10
+    assert (padded.label_slots, packed.label_slots) == (4, 4)
+    px, py, _ = mqar.training_pool(padded)
+    x, y, seg = mqar.training_pool(packed)
+    assert x.shape == (18, 32)
+    # the 10 examples of 8 tokens: rows 0-2, 4 to a row, example e in row e // 4, slot e % 4
+    for e in range(10):
+        r, j = divmod(e, 4)
+        cols = slice(8 * j, 8 * j + 8)
+        np.testing.assert_array_equal(x[r, cols], px[e, :8])
+        np.testing.assert_array_equal(y[r, cols], py[e, :8])
+        assert (seg[r, cols] == j + 1).all()
+    assert (seg[2, 16:] == 0).all() and (y[2, 16:] == IGNORE_INDEX).all() and (x[2, 16:] == 0).all()
+    for e in range(10):  # 16-token examples: rows 3-7, 2 to a row
+        r, j = divmod(e, 2)
+        np.testing.assert_array_equal(x[3 + r, 16 * j:16 * j + 16], px[10 + e, :16])
+    np.testing.assert_array_equal(x[8:], px[20:])
+    assert (seg[8:] == 1).all()
+    assert "packed 32 // length" in packed.mix_text() and "~53 examples" in dataclass_replace(
+        packed, batch_size=32).budget_text()
+
+
+@pytest.mark.parametrize("model", ["deltanet", "linear", "attention"])
+def test_packed_rows_give_the_padded_loss(model):
+    """The train step's loss over packed rows equals that over the same examples padded one to a
+    row (float32, 1e-5: the same terms summed in another order): segment ids restart the
+    recurrent state and mask attention at every packed example."""
+    import jax.numpy as jnp
+
+    from experiments import mqar
+
+    mix = ((8, 1, 1.0), (16, 2, 1.0), (32, 4, 1.0))
+    padded = mqar.Setting(vocab_size=32, seq_len=32, num_kv_pairs=4, train_examples=12, train_mix=mix,
+                          pack_mix=False, dims=(16,), implementation="chunked")
+    packed = dataclass_replace(padded, pack_mix=True)
+    losses = []
+    for s in (padded, packed):
+        cell = mqar.Cell(model, 16, s)
+        state = cell.fresh_state(1e-3)
+        x, y, seg = mqar.training_pool(s)
+        total, count = cell.eval_step(state, {"inputs": jnp.asarray(x), "targets": jnp.asarray(y),
+                                              "segment_ids": jnp.asarray(seg)})
+        losses.append((float(total), float(count)))
+    assert losses[0][1] == losses[1][1] == 4 * 1 + 4 * 2 + 4 * 4
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -266,7 +325,7 @@ def test_mqar_workers_train_cells_side_by_side_and_merge(tmp_path, monkeypatch):
     cells failed and raises, after the others' results are written."""
     from experiments import mqar
 
-    args = ["--models", "deltanet,linear", "--dims", "16,24", "--vocab-size", "32", "--seq-len", "16",
+    args = ["--train-mix", "none", "--models", "deltanet,linear", "--dims", "16,24", "--vocab-size", "32", "--seq-len", "16",
             "--num-kv-pairs", "2", "--batch-size", "4", "--train-examples", "16", "--test-examples", "8",
             "--max-steps", "2", "--eval-every", "1", "--warmup-steps", "1", "--time-limit", "300", "--workers", "2"]
     runs = mqar.main(args + ["--out", str(tmp_path / "ok")])
@@ -296,7 +355,9 @@ def test_mqar_learning_rates_by_model():
     s = mqar.Setting(dims=(64,), models=("attention", "deltanet"), lrs=(1e-2, 1e-3))
     assert mqar.schedule(s) == [("attention", 64, 1e-2), ("deltanet", 64, 1e-2), ("attention", 64, 1e-3),
                                 ("deltanet", 64, 1e-3)]
-    assert mqar.Setting(num_kv_pairs=8, train_mix=((16, 2, 1.0), (64, 12, 1.0))).label_slots == 12
+    mixed = mqar.Setting(num_kv_pairs=8, train_mix=((16, 2, 1.0), (64, 12, 1.0)), pack_mix=False)
+    assert mixed.label_slots == 12
+    assert dataclass_replace(mixed, pack_mix=True).label_slots == max(2 * 512 // 16, 12 * 512 // 64)
 
 
 def test_profile_times_each_cell_without_training(tmp_path, capsys):
@@ -320,7 +381,7 @@ def test_lrs_together_equal_separate_runs(tmp_path, implementation, steps):
     test loss within 1e-5 (float32; vmap only batches the same products)."""
     from experiments import mqar
 
-    s = mqar.Setting(vocab_size=32, seq_len=16, num_kv_pairs=2, models=("deltanet",), dims=(16,), lrs=(1e-2, 3e-3),
+    s = mqar.Setting(vocab_size=32, seq_len=16, num_kv_pairs=2, train_mix=(), models=("deltanet",), dims=(16,), lrs=(1e-2, 3e-3),
                      batch_size=4, train_examples=16, test_examples=8, max_steps=steps, eval_every=2, warmup_steps=1,
                      implementation=implementation)
     quiet = lambda m: None  # noqa: E731
@@ -339,7 +400,7 @@ def test_lrs_together_stop_once_one_reaches_the_target(tmp_path):
     reached, the others stopped; with no time left the cell is not run."""
     from experiments import mqar
 
-    s = mqar.Setting(vocab_size=32, seq_len=16, num_kv_pairs=2, models=("deltanet",), dims=(16,), lrs=(1e-2, 3e-3),
+    s = mqar.Setting(vocab_size=32, seq_len=16, num_kv_pairs=2, train_mix=(), models=("deltanet",), dims=(16,), lrs=(1e-2, 3e-3),
                      batch_size=4, train_examples=16, test_examples=8, max_steps=6, eval_every=2, warmup_steps=1,
                      target=0.1)
     quiet = lambda m: None  # noqa: E731
