@@ -837,7 +837,8 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
         raise ValueError("warmup-steps, seed and weight-decay must be >= 0")
     for length, pairs, _ in s.train_mix:
         if length > s.seq_len:
-            raise ValueError(f"train-mix sequence length {length} is longer than seq-len {s.seq_len}")
+            raise ValueError(f"train-mix sequence length {length} is longer than seq-len {s.seq_len} (give a "
+                             f"--train-mix that fits, or --train-mix none)")
     if s.train_rows < s.batch_size or s.test_examples < s.batch_size:
         raise ValueError(f"the training rows ({s.train_rows} from train-examples {s.train_examples}) and "
                          f"test-examples ({s.test_examples}) must be at least batch-size ({s.batch_size})")
