@@ -243,10 +243,6 @@ class KernelConfig:
         if itemsize > 2 and k_dim >= 128:  # float32 folds also at K = 256, where `wy_prepare` asks 240 KiB (H200)
             return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), fold_wu=True, **per_chunk)
         if k_dim > 128:
-            # 16-bit inputs at K = 256: dqkw loops over 128-wide V tiles, wy_bwd runs 8 warps over
-            # 64-wide ones (H200, (128, 512, 2, 256), the MQAR d = 512 cell: dqkw 3.25 -> 1.18 ms,
-            # wy_bwd 0.47 -> 0.34 ms, back to back; NOTES.md)
-            per_chunk.update(dqkw_block_v=min(128, v_dim), wy_bwd=Launch(8, 1), wy_bwd_block_v=min(64, v_dim))
             return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), **per_chunk)
         # The reverse scan pipelines its chunk loads like the forward ones (3 stages: 0.45 -> 0.38 ms
         # at (16, 2048, 32, 64), 0.58 -> 0.29 ms at (2, 8192, 16, 128)). The forward folds W and U
