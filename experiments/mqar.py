@@ -623,8 +623,9 @@ def profile_cells(s: Setting, steps: int, log: Callable[[str], None] = print, ti
     from experiments.bench_train import print_profile, profile_jax_steps
     from experiments.timing import median_ms, pipelined_ms
 
-    per_row = s.train_examples / s.train_rows  # examples per row, > 1 with packing
-    pool = training_pool(dataclasses.replace(s, train_examples=max(math.ceil(8 * s.batch_size * per_row), 256)))
+    examples_per_row = s.train_examples / s.train_rows  # > 1 with packing
+    pool = training_pool(dataclasses.replace(
+        s, train_examples=max(math.ceil(8 * s.batch_size * examples_per_row), 256)))
     rows = []
     for m, d in s.grid():
         t0 = time.perf_counter()
@@ -835,10 +836,12 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
             raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     if s.warmup_steps < 0 or s.seed < 0 or s.weight_decay < 0:
         raise ValueError("warmup-steps, seed and weight-decay must be >= 0")
-    for length, pairs, _ in s.train_mix:
+    s.task()
+    for length, pairs, _ in s.train_mix:  # before train_rows, which divides seq_len by each length
         if length > s.seq_len:
             raise ValueError(f"train-mix sequence length {length} is longer than seq-len {s.seq_len} (give a "
                              f"--train-mix that fits, or --train-mix none)")
+        s.task(length, pairs)
     if s.train_rows < s.batch_size or s.test_examples < s.batch_size:
         raise ValueError(f"the training rows ({s.train_rows} from train-examples {s.train_examples}) and "
                          f"test-examples ({s.test_examples}) must be at least batch-size ({s.batch_size})")
@@ -846,9 +849,6 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
         raise ValueError(f"workers must be >= 1, got {s.workers}")
     if not 0 < s.target <= 1:
         raise ValueError(f"target must be in (0, 1], got {s.target}")
-    s.task()
-    for length, pairs, _ in s.train_mix:
-        s.task(length, pairs)
     for m in s.models:
         for d in s.dims:
             model_config(m, d, s)
