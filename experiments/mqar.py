@@ -1,6 +1,7 @@
 """Multi-query associative recall (MQAR): DeltaNet against attention and linear attention.
 
     python -m experiments.mqar [--out DIR] [--quick] [--models deltanet,attention,linear] [--dims 64,128,...]
+    python -m experiments.mqar --mps   # on a GPU: the worker processes as clients of one MPS server
     python -m experiments.mqar --profile 5 --dims 128,512   # time each cell's update alone, trace 5 more
 
 The DeltaNet paper's setting (from Zoology): vocabulary 8192, sequences of 512 tokens holding 64
@@ -16,7 +17,8 @@ separate test set, early stop once test accuracy reaches `--target` (0.99). A ce
 the target skips its remaining learning rates. `--time-limit` is shared out as the runs go: each
 run may use an equal share of the time left among the runs still to come. On a GPU the cells train
 side by side, one process each (`--workers`), every process with the whole time limit for its
-cells: the small models leave most of the GPU idle. Writes to --out: `mqar_runs.csv` (every run),
+cells: the small models leave most of the GPU idle. Without `--mps` the processes take turns on the
+GPU; with it their kernels run at the same time. Writes to --out: `mqar_runs.csv` (every run),
 `mqar.csv` (best per cell), `mqar.png` (best accuracy against model dimension per model) and
 `mqar_setting.json`.
 Training examples come, as in Zoology's MQAR sweeps, from a mix of easier tasks (`--train-mix`,
@@ -89,6 +91,7 @@ class Setting:
     # (model, dim) cells to train, () for the whole models x dims grid (a worker process's share)
     cells: tuple[tuple[str, int], ...] = ()
     workers: int = 1  # processes training cells at once (one device shared); see run_parallel
+    mps: bool = False  # the workers as clients of one CUDA MPS server (experiments.mps)
     lrs_together: bool = False  # a cell's learning rates trained side by side (train_together)
 
     def lrs_for(self, model: str) -> tuple[float, ...]:
@@ -146,7 +149,8 @@ class Setting:
             lrs = ", ".join(f"{lr:g}" for lr in self.lrs)
         else:
             lrs = "; ".join(f"{MODEL_LABELS[m]} {', '.join(f'{lr:g}' for lr in self.lrs_for(m))}" for m in self.models)
-        where = (f"{self.workers} processes sharing the device, each training its cells" if self.workers > 1
+        sharing = "sharing the device through one MPS server" if self.mps else "sharing the device"
+        where = (f"{self.workers} processes {sharing}, each training its cells" if self.workers > 1
                  else "one process")
         together = ("a cell's learning rates trained side by side, one vmapped update, all stopped once one "
                     "reaches the target" if self.lrs_together else "a cell that reaches the target skips the rest")
@@ -816,6 +820,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delta-rule kernel (default: pallas on GPU, chunked elsewhere)")
     p.add_argument("--workers", type=int, help="processes training cells at once, sharing the device (default: "
                                                "one per cell on a GPU, 1 elsewhere)")
+    p.add_argument("--mps", action="store_const", const=True,
+                   help="run the worker processes as clients of a CUDA MPS server started for the grid and "
+                        "stopped after it (nvidia-cuda-mps-control on PATH), so that their kernels share the "
+                        "GPU's SMs at once instead of taking turns")
     p.add_argument("--profile", type=int, metavar="STEPS",
                    help="train nothing: time one update of each selected cell alone, then trace STEPS more "
                         "(device kernels by kind, on a GPU); writes mqar_profile.json to --out")
@@ -867,9 +875,26 @@ def main(argv: Sequence[str] | None = None) -> list[Any]:
         parser.error(str(err))
     if args.quick:
         print("--quick: a CPU-sized version of the paper's setting (values below)")
+    if args.profile is not None and args.profile < 0:
+        parser.error(f"--profile must be >= 0, got {args.profile}")
+    if s.mps:
+        from experiments.mps import CONTROL, control_path
+
+        if args.profile is not None:
+            parser.error("--mps shares the GPU among the grid's worker processes; --profile times each cell alone")
+        if s.workers == 1 and args.workers is not None:
+            parser.error("--mps shares the GPU among worker processes; --workers 1 starts none")
+        if control_path() is None:
+            parser.error(f"--mps needs {CONTROL} on PATH (it comes with the NVIDIA driver); it was not found")
+        from experiments.mps import mps_server
+
+        with mps_server(log=log):  # before this process starts CUDA, so that it is a client too
+            return _run(args, s, log)
+    return _run(args, s, log)
+
+
+def _run(args: argparse.Namespace, s: Setting, log: Callable[[str], None]) -> list[Any]:
     if args.profile is not None:
-        if args.profile < 0:
-            parser.error(f"--profile must be >= 0, got {args.profile}")
         rows = profile_cells(s, args.profile, log=log)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "mqar_profile.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -149,25 +149,35 @@ def test_forward_without_folding_matches_default(K, V):
         assert rel_err(b, a) < 1e-6, name
 
 
-def test_wide_backward_tiles_at_k256_match_narrow_ones():
-    """At K = V = 256, 128-wide V tiles in `chunk_dqkw` and 64-wide ones with 8 warps in
-    `wy_backward` (faster on an H200, not yet the default: NOTES.md), interpreted on bf16 inputs
-    with segments, an initial state and qk_l2norm, give the gradients of the default 32-wide tiles
-    (the launch that passed the GPU tests) within 1e-4 (the same float32 products summed over other tiles; measured
-    1e-5 at most), and both are within bf16 tolerance (0.008; dk the largest, 0.0066) of the float32
-    reference on the same bf16-rounded inputs."""
+@pytest.mark.parametrize("K,wide_launch,narrow_launch", [
+    (128, (128, 64, (4, 1)), (64, 64, (4, 1))),
+    (256, (128, 64, (8, 1)), (32, 32, (4, 1))),
+], ids=["K128", "K256"])
+def test_wide_backward_tiles_match_narrow_ones(K, wide_launch, narrow_launch):
+    """For 16-bit inputs at K = 128 the default launches one 128-wide V tile in `chunk_dqkw`; at
+    K = 256 128-wide ones there and 64-wide ones with 8 warps in `wy_backward` (faster on an H200:
+    NOTES.md). `wide_launch` / `narrow_launch`: (dqkw V tile, wy_bwd V tile, wy_bwd warps and
+    stages), the narrow one the earlier default (at K = 256 the float32 inputs' launch). Interpreted
+    on bf16 inputs with segments, an initial state and qk_l2norm, the two give the same gradients
+    within 1e-4 (the same float32 products summed over other tiles; measured 1e-5 at most), and both
+    are within bf16 tolerance (0.008; dk the largest, 0.0066 at K = 256) of the float32 reference on
+    the same bf16-rounded inputs."""
     import dataclasses
 
     from deltanet_jax.ops.segments import segment_index
     from pallas_kernels.delta_rule import chunk_delta_rule
     from pallas_kernels.delta_rule.common import KernelConfig, Launch
 
-    B, T, H, K, V = 1, 128, 1, 256, 256
+    B, T, H, V = 1, 128, 1, 256
     q, k, v, beta, s0 = make_inputs(11, B, T, H, K, V)
     seg_index, valid = segment_index(_segments(B, T))
-    narrow = KernelConfig.for_shape(K, V, B * H, itemsize=2)
-    assert (narrow.dqkw_block_v, narrow.wy_bwd_block_v, narrow.wy_bwd) == (32, 32, Launch(4, 1))
-    wide = dataclasses.replace(narrow, dqkw_block_v=128, wy_bwd_block_v=64, wy_bwd=Launch(8, 1))
+    wide = KernelConfig.for_shape(K, V, B * H, itemsize=2)
+    assert (wide.dqkw_block_v, wide.wy_bwd_block_v, dataclasses.astuple(wide.wy_bwd)) == wide_launch
+    if K == 256:
+        fp32 = KernelConfig.for_shape(K, V, B * H, itemsize=4)
+        assert (fp32.dqkw_block_v, fp32.wy_bwd_block_v) == narrow_launch[:2]
+    narrow = dataclasses.replace(wide, dqkw_block_v=narrow_launch[0], wy_bwd_block_v=narrow_launch[1],
+                                 wy_bwd=Launch(*narrow_launch[2]))
 
     def loss(config, *args, dtype=jnp.bfloat16):
         q, k, v, beta, s0 = args

@@ -40,11 +40,11 @@ def intra_chunk_scores(q_ref, ks: list, idx, static: Static) -> jax.Array:
     return jnp.where(keep, qk, 0.0)
 
 
-def chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static: Static, prefetch: bool = False):
+def chunk_a(k_ref, beta_ref, idx_ref, a_ref, static: Static):
     """A = tril(diag(beta) K K^T, -1) of one chunk (masked to same-segment pairs) as one 64x64
     product, its 16x16 diagonal blocks written to the scratch `a_ref` (the rest of the scratch is
-    never written nor read), and T = (I + A)^{-1} by `inverse_unit_lower64` (with `prefetch`).
-    Returns (T float32 `[C, C]`, k as `load_blocks` gives it, beta `[C, 1]` float32, idx or None)."""
+    never written nor read). Returns (A float32 `[C, C]`, k as `load_blocks` gives it, beta `[C, 1]`
+    float32, idx or None); `invert` then needs a barrier before it reads the scratch."""
     dtype = k_ref.dtype
     ks = load_blocks(k_ref, static)
     beta = beta_ref[...].astype(jnp.float32)[:, None]
@@ -54,8 +54,14 @@ def chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static: Static, prefetch: boo
         keep = keep & (idx[:, None] == idx[None, :])
     a = jnp.where(keep, total(mm(k * beta, k, dtype, static, "nt") for k in ks), 0.0)
     plgpu.store(a_ref, a, mask=iota2(CHUNK, CHUNK, 0) // BLOCK == iota2(CHUNK, CHUNK, 1) // BLOCK)
+    return a, ks, beta, idx
+
+
+def invert(a: jax.Array, a_ref, static: Static, dtype, prefetch: bool = False) -> jax.Array:
+    """T = (I + A)^{-1} (float32 `[C, C]`) of `chunk_a`'s A, after a barrier that orders its scratch
+    writes before the inverse's gathers (`inverse_unit_lower64`, with `prefetch`)."""
     barrier(static)
-    return inverse_unit_lower64(a, a_ref, static, dtype, prefetch), ks, beta, idx
+    return inverse_unit_lower64(a, a_ref, static, dtype, prefetch)
 
 
 def store_wu(w_ref, u_ref, v_ref, tmat: jax.Array, ks: list, beta: jax.Array, static: Static) -> None:
@@ -76,8 +82,8 @@ def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool):
     idx_ref = refs[pos] if static.has_segments else None
     outs = list(refs[pos + static.has_segments:])
     w_ref, u_ref, a_ref = outs[0], outs[1], outs[-1]
-    t, ks, beta, idx = chunk_inverse(k_ref, beta_ref, idx_ref, a_ref, static)
-    t = t.astype(k_ref.dtype)
+    a, ks, beta, idx = chunk_a(k_ref, beta_ref, idx_ref, a_ref, static)
+    t = invert(a, a_ref, static, k_ref.dtype).astype(k_ref.dtype)
     store_wu(w_ref, u_ref, v_ref, t, ks, beta, static)
     if with_t:
         outs[2][...] = t.astype(outs[2].dtype)
@@ -135,10 +141,10 @@ def _wy_inverse_kernel(*refs, static: Static, with_p: bool, prefetch: bool):
     q_ref = refs[2] if with_p else None
     idx_ref = refs[2 + with_p] if static.has_segments else None
     outs = refs[2 + with_p + static.has_segments:]
-    t, ks, _, idx = chunk_inverse(k_ref, beta_ref, idx_ref, outs[-1], static, prefetch)
-    outs[0][...] = t.astype(outs[0].dtype)
-    if with_p:
+    a, ks, _, idx = chunk_a(k_ref, beta_ref, idx_ref, outs[-1], static)
+    if with_p:  # before the inverse, so that k's rows need not stay in registers through it
         outs[1][...] = intra_chunk_scores(q_ref, ks, idx, static).astype(outs[1].dtype)
+    outs[0][...] = invert(a, outs[-1], static, k_ref.dtype, prefetch).astype(outs[0].dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "launch"))
