@@ -878,16 +878,14 @@ def main(argv: Sequence[str] | None = None) -> list[Any]:
     if args.profile is not None and args.profile < 0:
         parser.error(f"--profile must be >= 0, got {args.profile}")
     if s.mps:
-        from experiments.mps import CONTROL, control_path
+        from experiments.mps import CONTROL, control_path, mps_server
 
         if args.profile is not None:
             parser.error("--mps shares the GPU among the grid's worker processes; --profile times each cell alone")
-        if s.workers == 1 and args.workers is not None:
+        if args.workers == 1:
             parser.error("--mps shares the GPU among worker processes; --workers 1 starts none")
         if control_path() is None:
             parser.error(f"--mps needs {CONTROL} on PATH (it comes with the NVIDIA driver); it was not found")
-        from experiments.mps import mps_server
-
         with mps_server(log=log):  # before this process starts CUDA, so that it is a client too
             return _run(args, s, log)
     return _run(args, s, log)

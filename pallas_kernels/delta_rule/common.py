@@ -242,12 +242,17 @@ class KernelConfig:
                          dqkw_block_v=bv, wy_bwd_block_v=bv, fwd_block_v=scan_bv, bwd_block_v=scan_bv)
         if itemsize > 2 and k_dim >= 128:  # float32 folds also at K = 256, where `wy_prepare` asks 240 KiB (H200)
             return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), fold_wu=True, **per_chunk)
-        if k_dim > 128:  # 16-bit inputs (float32 returned above)
-            # At K = 256 (H200, (128, 512, 2, 256), each kernel alone): `chunk_dqkw` loops over
-            # V tiles inside each program, so 128-wide ones make fewer, larger products over the same
-            # `[64, 256]` accumulators (3.25 -> 1.18 ms against 32-wide); `wy_bwd` 64-wide at 8 warps
-            # (0.47 -> 0.34 ms), where 4 warps spill 3.7 KiB of stack and 8 warps 0.1 KiB.
-            per_chunk.update(dqkw_block_v=min(128, v_dim), wy_bwd=Launch(8, 1), wy_bwd_block_v=min(64, v_dim))
+        if k_dim >= 128:  # 16-bit inputs (float32 returned above)
+            # `chunk_dqkw` loops over V tiles inside each program, so 128-wide ones make fewer, larger
+            # products over the same `[64, K]` accumulators (H200, each kernel alone): at K = 256,
+            # (128, 512, 2, 256), 3.25 -> 1.18 ms against 32-wide; at K = 128, 8 warps, back to back,
+            # 0.392 -> 0.348 ms at (8, 2048, 16, 128) and 0.393 -> 0.327 at (2, 8192, 16, 128) against
+            # 64-wide.
+            per_chunk.update(dqkw_block_v=min(128, v_dim))
+        if k_dim > 128:
+            # `wy_bwd` at K = 256 64-wide at 8 warps (0.47 -> 0.34 ms), where 4 warps spill 3.7 KiB
+            # of stack and 8 warps 0.1 KiB.
+            per_chunk.update(wy_bwd=Launch(8, 1), wy_bwd_block_v=min(64, v_dim))
             return cls(fwd=Launch(4, 1), states=Launch(4, 1), state_grads=Launch(4, 1), **per_chunk)
         # The reverse scan pipelines its chunk loads like the forward ones (3 stages: 0.45 -> 0.38 ms
         # at (16, 2048, 32, 64), 0.58 -> 0.29 ms at (2, 8192, 16, 128)). The forward folds W and U
@@ -257,10 +262,5 @@ class KernelConfig:
         # pipelines 3 stages also over several waves (H200, (16, 2048, 32, 64): 0.39 -> 0.24 ms)
         # and the inverse runs 2 warps with its gathers prefetched (0.79 -> 0.63 ms, NOTES.md).
         sixteen_bit = itemsize <= 2
-        if sixteen_bit and k_dim == 128:
-            # `chunk_dqkw` loops over V tiles inside each program, as at K = 256: one 128-wide tile
-            # (H200, 8 warps, back to back): 0.392 -> 0.348 ms at (8, 2048, 16, 128), 0.393 -> 0.327
-            # at (2, 8192, 16, 128) against 64-wide.
-            per_chunk.update(dqkw_block_v=min(128, v_dim))
         return cls(fwd=Launch(4, 3 if one_wave or sixteen_bit else 1), state_grads=Launch(4, 3), fold_wu=True,
                    wy_inverse=Launch(2 if sixteen_bit else 4, 1), **per_chunk)
