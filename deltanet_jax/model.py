@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deltanet_jax.nn import (Attention, AttentionCache, DeltaNet, DeltaNetCache, Embedding, GatedMLP, LinearAttention,
                              RMSNorm, mlp_intermediate_size)
-from deltanet_jax.nn.axes import linear_axes
-from deltanet_jax.nn.deltanet import BATCH_MESH_AXES, QK_ACTIVATIONS, QK_NORMS
+from deltanet_jax.nn.axes import BATCH_MESH_AXES, linear_axes
+from deltanet_jax.nn.deltanet import QK_ACTIVATIONS, QK_NORMS
 
 # Keys an fla / Hugging Face config.json may carry that do not affect the model's math.
 IGNORED_CONFIG_KEYS = frozenset({

@@ -5,9 +5,9 @@ short convolution each (SiLU for v always, for q and k when `qk_activation == "s
 feature map and normalisation, `beta = sigmoid(b_proj(x))` (x2 with `allow_neg_eigval`), the delta
 rule, a per-head (gated) RMSNorm and `o_proj`. Attribute names follow fla so weights map 1:1.
 
-With a `mesh` (axes "data", "fsdp", "tensor"), the delta rule runs inside `jax.shard_map`, the
-batch split over data x fsdp and the heads over tensor (when they divide); without one it is a
-plain call, as on one device.
+With a `mesh` (axes "data", "fsdp", "tensor"), the delta rule and the Pallas short convolutions run
+inside `jax.shard_map`, the batch split over data x fsdp and the heads over tensor (when they
+divide); without one they are plain calls, as on one device.
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from deltanet_jax.nn.axes import linear_axes
+from deltanet_jax.nn.axes import BATCH_MESH_AXES, HEAD_MESH_AXES, linear_axes
 from deltanet_jax.nn.norm import GatedRMSNorm, RMSNorm
 from deltanet_jax.nn.short_conv import ShortConvolution
 from deltanet_jax.ops import delta_rule, delta_rule_sharded, delta_rule_step
 
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
-# Mesh axes a sharded delta rule splits the batch and the heads over (see deltanet_jax.train.sharding).
-BATCH_MESH_AXES = ("data", "fsdp")
-HEAD_MESH_AXES = ("tensor",)
 
 
 class DeltaNetCache(NamedTuple):
@@ -98,7 +95,7 @@ class DeltaNet(nnx.Module):
             self.b_proj = nnx.Linear(hidden_size, num_heads, **lin, **into_heads)
         if use_short_conv:
             conv = dict(kernel_size=conv_size, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-                        rngs=rngs)
+                        mesh=mesh, rngs=rngs)
             qk_conv_act = "silu" if qk_activation == "silu" else None
             self.q_conv1d = ShortConvolution(self.key_dim, activation=qk_conv_act, **conv)
             self.k_conv1d = ShortConvolution(self.key_dim, activation=qk_conv_act, **conv)

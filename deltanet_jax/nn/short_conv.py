@@ -8,11 +8,14 @@ tap multiplies the current input. The decoding state holds the last W - 1 inputs
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
+from deltanet_jax.nn.axes import BATCH_MESH_AXES, HEAD_MESH_AXES
 from deltanet_jax.ops.segments import segment_index
 from pallas_kernels.short_conv import short_conv
 
@@ -113,6 +116,27 @@ def conv_activate_kernel(x: jax.Array, weight: jax.Array, segment_ids: jax.Array
     return y, conv_final_state(x, weight.shape[1], segment_ids)
 
 
+def conv_activate_sharded(mesh: Mesh, x: jax.Array, weight: jax.Array, segment_ids: jax.Array | None,
+                          activation: str | None) -> tuple[jax.Array, jax.Array]:
+    """`conv_activate_kernel` on each device's own shard inside `jax.shard_map` (a Pallas call takes
+    no sharded operands): rows of x [B, T, D] split over the mesh's batch axes and channels over its
+    head axes, each where it divides (channels into multiples of 16), replicated otherwise. The
+    weight [D, W] follows the channels; its gradient is summed over the row shards."""
+    def split(names, n: int, unit: int = 1):
+        names = tuple(a for a in names if a in mesh.axis_names)
+        return names if names and n % (math.prod(mesh.shape[a] for a in names) * unit) == 0 else None
+
+    rows, chans = split(BATCH_MESH_AXES, x.shape[0]), split(HEAD_MESH_AXES, x.shape[2], 16)
+    seq, w_spec = PartitionSpec(rows, None, chans), PartitionSpec(chans, None)
+    if segment_ids is None:
+        local = lambda x, w: conv_activate_kernel(x, w, None, activation)  # noqa: E731
+        args, specs = (x, weight), (seq, w_spec)
+    else:
+        local = lambda x, w, seg: conv_activate_kernel(x, w, seg, activation)  # noqa: E731
+        args, specs = (x, weight, segment_ids), (seq, w_spec, PartitionSpec(rows, None))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(seq, seq), check_vma=False)(*args)
+
+
 @functools.partial(jax.checkpoint, static_argnums=(4,))
 def _conv_activate(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | None,
                    initial_state: jax.Array | None, activation: str | None) -> tuple[jax.Array, jax.Array]:
@@ -130,7 +154,8 @@ def _conv_activate(x: jax.Array, weight: jax.Array, segment_ids: jax.Array | Non
 class ShortConvolution(nnx.Module):
     """Bias-free causal depthwise conv + optional SiLU. x [B, T, D] -> [B, T, D].
 
-    `channel_axis` is the logical axis name of D (the weight's first axis) for sharding.
+    `channel_axis` is the logical axis name of D (the weight's first axis) for sharding; with a
+    `mesh` the Pallas kernels run on each device's shard (`conv_activate_sharded`).
     `implementation`: "pallas" (`pallas_kernels.short_conv`, interpreted off GPU; sequences without
     an initial state and D % 16 == 0, other calls run the XLA path), "xla", or None (default):
     "pallas" on a GPU, "xla" elsewhere.
@@ -139,7 +164,7 @@ class ShortConvolution(nnx.Module):
     def __init__(self, hidden_size: int, kernel_size: int = 4, *, activation: str | None = "silu",
                  dtype: jnp.dtype | None = None, param_dtype: jnp.dtype = jnp.float32,
                  kernel_init: nnx.Initializer = nnx.initializers.normal(0.02), channel_axis: str | None = "heads",
-                 implementation: str | None = None, rngs: nnx.Rngs):
+                 implementation: str | None = None, mesh: Mesh | None = None, rngs: nnx.Rngs):
         if hidden_size <= 0 or kernel_size <= 0:
             raise ValueError(f"ShortConvolution needs positive hidden_size and kernel_size, "
                              f"got {hidden_size} and {kernel_size}")
@@ -154,6 +179,7 @@ class ShortConvolution(nnx.Module):
         self.hidden_size = hidden_size
         self.kernel_size = kernel_size
         self.implementation = implementation
+        self.mesh = mesh
         self.activation = activation
         self.dtype = dtype
         self.weight = nnx.Param(kernel_init(rngs.params(), (hidden_size, 1, kernel_size), param_dtype),
@@ -185,6 +211,8 @@ class ShortConvolution(nnx.Module):
             x = x.astype(self.dtype)
         weight = self.weight[...][:, 0, :]
         if self.implementation == "pallas" and initial_state is None and self.hidden_size % 16 == 0:
+            if self.mesh is not None:
+                return conv_activate_sharded(self.mesh, x, weight, segment_ids, self.activation)
             return conv_activate_kernel(x, weight, segment_ids, self.activation)
         return _conv_activate(x, weight, segment_ids, initial_state, self.activation)
 
