@@ -136,7 +136,11 @@ def main(argv: Sequence[str] | None = None):
         plan = plan_run_dir(run_dir, config)
     except (ConfigError, RunDirError, FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    return train(config, plan, progress=not args.no_progress)
+    try:
+        return train(config, plan, progress=not args.no_progress)
+    except FloatingPointError as err:  # train.nan_policy=stop: the message says what to change
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

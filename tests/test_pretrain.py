@@ -99,6 +99,21 @@ def test_bad_arguments_exit_2_before_writing(tmp_path, capsys, override, named):
     assert not run_dir.exists()
 
 
+def test_nonfinite_loss_stops_with_a_message(tmp_path, capsys):
+    """nan_policy=stop (the default): a diverging run ends with status 1 and the message, no traceback,
+    and keeps the steps it logged."""
+    run_dir = tmp_path / "diverged"
+    with pytest.raises(SystemExit) as stop:
+        _run(run_dir, "train.steps=8", "train.lr=1e30")
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: non-finite loss or gradient at step 2" in err and "no checkpoint saved" in err, err
+    assert "train.nan_policy=skip" in err and "Traceback" not in err
+    assert [r["step"] for r in _records(run_dir)] == [1]
+    skipped = _run(tmp_path / "skipping", "train.steps=3", "train.lr=1e30", "train.nan_policy=skip")
+    assert skipped.step == 3
+
+
 def test_run_dir_of_another_model_is_refused_untouched(first_run, tmp_path, capsys):
     source, _ = first_run
     import shutil

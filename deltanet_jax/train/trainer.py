@@ -258,7 +258,9 @@ def train(
         if not skip:
             raise FloatingPointError(
                 f"non-finite loss or gradient at step {first[0]} (loss {float(first[1]['loss'])}, grad norm "
-                f"{float(first[1]['grad_norm'])}); the run stops with nothing saved past checkpoint {saved_step}. "
+                f"{float(first[1]['grad_norm'])}); the run stops with "
+                + ("no checkpoint saved" if saved_step is None else f"nothing saved past checkpoint {saved_step}")
+                + ". "
                 "Lower train.lr or raise train.warmup_steps, or set train.nan_policy=skip to skip such updates"
             )
         return int((~finite).sum())
