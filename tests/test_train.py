@@ -160,16 +160,20 @@ def test_chunked_cross_entropy_equals_the_whole_one(tied, t, chunk):
     def whole(h, w):
         return cross_entropy_sum(model.project(h, w), targets, mask)
 
-    def chunked(h, w):
-        return chunked_cross_entropy_sum(h, w, model.project, targets, mask, chunk)
+    def chunked(h, w, row_groups=1):
+        return chunked_cross_entropy_sum(h, w, model.project, targets, mask, chunk, row_groups)
 
-    (l0, c0), (l1, c1) = whole(h, w), chunked(h, w)
-    assert float(c1) == float(c0) == float(mask.sum())
-    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    (l0, c0) = whole(h, w)
     g0 = jax.grad(lambda h, w: whole(h, w)[0], argnums=(0, 1))(h, w)
-    g1 = jax.grad(lambda h, w: chunked(h, w)[0], argnums=(0, 1))(h, w)
-    for a, b in zip(g1, g0):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for groups in (1, 2):  # 2: the gradient's terms summed per row apart, then added up
+        (l1, c1) = chunked(h, w, groups)
+        assert float(c1) == float(c0) == float(mask.sum())
+        np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+        g1 = jax.grad(lambda h, w: chunked(h, w, groups)[0], argnums=(0, 1))(h, w)
+        for a, b in zip(g1, g0):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="row_groups"):
+        chunked(h, w, 3)
 
 
 def test_chunked_cross_entropy_gradient_matmuls_run_in_the_compute_dtype():

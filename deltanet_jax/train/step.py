@@ -8,6 +8,7 @@ on every call.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -50,7 +51,8 @@ def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
 
 
 def chunked_cross_entropy_sum(h: jax.Array, w: jax.Array, project: Callable[..., jax.Array],
-                              targets: jax.Array, mask: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+                              targets: jax.Array, mask: jax.Array, chunk: int,
+                              row_groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """`cross_entropy_sum` of the logits `project(h, w)` without the [B, T, vocab] array: positions
     go `chunk` at a time through a scan, so at most one [B, chunk, vocab] block of float32 logits
     is alive at a time.
@@ -64,8 +66,14 @@ def chunked_cross_entropy_sum(h: jax.Array, w: jax.Array, project: Callable[...,
     `project(h, w, dtype=float32)` pure in (h, w), logits in `dtype`. T need not be a multiple of
     `chunk` (the tail is padded with masked positions).
     Chunks split the sequence axis, so a batch-sharded h stays sharded inside the scan.
+    `row_groups` > 1 (the number of batch shards; B must divide by it) sums the gradient of w and
+    the loss over each block of B / row_groups rows apart and adds the blocks up after the scan:
+    with rows split over devices, each device accumulates its own partial sums and the cross-device
+    reduction runs once, not once per chunk.
     """
-    return _chunked_ce(h, w, targets, mask, project, chunk)
+    if row_groups < 1 or h.shape[0] % row_groups:
+        raise ValueError(f"row_groups must be >= 1 and divide the batch {h.shape[0]}, got {row_groups}")
+    return _chunked_ce(h, w, targets, mask, project, chunk, row_groups)
 
 
 def _split_chunks(h, targets, mask, chunk):
@@ -81,46 +89,67 @@ def _split_chunks(h, targets, mask, chunk):
     return split(h), split(targets), split(mask)
 
 
-def _ce_scan(h, w, targets, mask, project, chunk, with_grads: bool):
-    """(total, count) and, `with_grads`, (dh, dw): the gradients of total."""
+def _chunk_terms(hc, tc, mc, w, project):
+    """One chunk's (total, count, dh, dw float32), its logits' gradient formed at once."""
+    logits = project(hc, w).astype(jnp.float32)
+    (total, count), ce_pullback = jax.vjp(lambda x: cross_entropy_sum(x, tc, mc), logits)
+    dlogits = ce_pullback((jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)))[0].astype(hc.dtype)
+    # The transpose of a projection with logits in h's dtype: both gradient matmuls take
+    # compute-dtype operands (a float32 cotangent would make them float32 matmuls).
+    _, pullback = jax.vjp(functools.partial(project, dtype=hc.dtype), hc, w)
+    dh, dw = pullback(dlogits)
+    return total, count, dh, dw.astype(jnp.float32)
+
+
+def _ce_scan(h, w, targets, mask, project, chunk, with_grads: bool, row_groups: int = 1):
+    """(total, count) and, `with_grads`, (dh, dw): the gradients of total. With `row_groups` > 1 the
+    gradient's terms are summed per block of rows inside the scan and over the blocks after it."""
     hs, ts, ms = _split_chunks(h, targets, mask, chunk)
     zero = jnp.zeros((), jnp.float32)
 
-    def body(carry, xs):
-        hc, tc, mc = xs
-        if not with_grads:
-            total, count = cross_entropy_sum(project(hc, w), tc, mc)
-            return (carry[0] + total, carry[1] + count), None
-        logits = project(hc, w).astype(jnp.float32)
-        (total, count), ce_pullback = jax.vjp(lambda x: cross_entropy_sum(x, tc, mc), logits)
-        dlogits = ce_pullback((jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)))[0].astype(hc.dtype)
-        # The transpose of a projection with logits in h's dtype: both gradient matmuls take
-        # compute-dtype operands (a float32 cotangent would make them float32 matmuls).
-        _, pullback = jax.vjp(functools.partial(project, dtype=hc.dtype), hc, w)
-        dh, dw = pullback(dlogits)
-        return (carry[0] + total, carry[1] + count, carry[2] + dw.astype(jnp.float32)), dh
-
     if not with_grads:
+        def body(carry, xs):
+            total, count = cross_entropy_sum(project(xs[0], w), *xs[1:])
+            return (carry[0] + total, carry[1] + count), None
+
         (total, count), _ = jax.lax.scan(body, (zero, zero), (hs, ts, ms))
         return (total, count), None
-    init = (zero, zero, jnp.zeros(w.shape, jnp.float32))
+
+    one = functools.partial(_chunk_terms, w=w, project=project)
+
+    def per_block(hc, tc, mc):
+        """[B, ...] -> [G, B / G, ...]: the terms of each block of rows apart, dh back as [B, ...]."""
+        blocks = lambda x: x.reshape((row_groups, -1) + x.shape[1:])  # noqa: E731
+        total, count, dh, dw = jax.vmap(one)(blocks(hc), blocks(tc), blocks(mc))
+        return total, count, dh.reshape(hc.shape), dw
+
+    terms = per_block if row_groups > 1 else one
+
+    def body(carry, xs):
+        total, count, dh, dw = terms(*xs)
+        return (carry[0] + total, carry[1] + count, carry[2] + dw), dh
+
+    lead = (row_groups,) if row_groups > 1 else ()
+    init = (jnp.zeros(lead, jnp.float32), jnp.zeros(lead, jnp.float32), jnp.zeros(lead + w.shape, jnp.float32))
     (total, count, dw), dhs = jax.lax.scan(body, init, (hs, ts, ms))
+    if row_groups > 1:
+        total, count, dw = total.sum(0), count.sum(0), dw.sum(0)
     b, t = h.shape[:2]
     dh = dhs.swapaxes(0, 1).reshape((b, -1) + h.shape[2:])[:, :t]
     return (total, count), (dh, dw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _chunked_ce(h, w, targets, mask, project, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_ce(h, w, targets, mask, project, chunk, row_groups):
     return _ce_scan(h, w, targets, mask, project, chunk, with_grads=False)[0]
 
 
-def _chunked_ce_fwd(h, w, targets, mask, project, chunk):
-    out, (dh, dw) = _ce_scan(h, w, targets, mask, project, chunk, with_grads=True)
+def _chunked_ce_fwd(h, w, targets, mask, project, chunk, row_groups):
+    out, (dh, dw) = _ce_scan(h, w, targets, mask, project, chunk, with_grads=True, row_groups=row_groups)
     return out, (dh, dw, jnp.zeros((0,), w.dtype), targets, mask)  # an empty array carries w's dtype
 
 
-def _chunked_ce_bwd(project, chunk, res, cotangents):
+def _chunked_ce_bwd(project, chunk, row_groups, res, cotangents):
     dh, dw, w_like, targets, mask = res
     g = cotangents[0]  # of the summed loss; the count has no gradient
     zeros = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731  integer / bool inputs
@@ -140,7 +169,7 @@ def labelled_rows(h: jax.Array, targets: jax.Array, mask: jax.Array, slots: int)
 
 
 def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State, batch: Batch, loss_chunk: int = 0,
-                label_slots: int = 0):
+                label_slots: int = 0, row_groups: int = 1):
     model = nnx.merge(graphdef, params, other)
     segment_ids = batch.get("segment_ids")
     targets = batch["targets"]
@@ -152,7 +181,16 @@ def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State, bat
         h, targets, mask = labelled_rows(h, targets, mask, label_slots)
     t = h.shape[1]
     chunk = min(loss_chunk, t) if loss_chunk else t  # 0: one chunk, still with the gradients formed early
-    return chunked_cross_entropy_sum(h, model.head_weight(), model.project, targets, mask, chunk)
+    return chunked_cross_entropy_sum(h, model.head_weight(), model.project, targets, mask, chunk, row_groups)
+
+
+def batch_shards(batch_sharding: NamedSharding | None) -> int:
+    """How many blocks of rows `batch_sharding` splits a batch into (1 without one)."""
+    if batch_sharding is None or not batch_sharding.spec:
+        return 1
+    axes = batch_sharding.spec[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(batch_sharding.mesh.shape[a] for a in axes)
 
 
 def _micro_batches(batch: Batch, grad_accum: int, batch_sharding: NamedSharding | None) -> Batch:
@@ -189,15 +227,17 @@ def make_train_step(
     metrics: loss (mean over counted positions), grad_norm (before clipping), finite (bool).
     """
 
+    groups = batch_shards(batch_sharding)  # the loss sums its weight gradient per device's rows
+
     def gather(params):
         return params if compute_sharding is None else jax.lax.with_sharding_constraint(params, compute_sharding)
 
     def loss_fn(params, other, batch):
-        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk, label_slots)
+        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk, label_slots, groups)
         return total / jnp.maximum(count, 1.0)
 
     def sum_fn(params, other, batch):
-        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk, label_slots)
+        total, count = _loss_terms(graphdef, gather(params), other, batch, loss_chunk, label_slots, groups)
         return total, count
 
     def loss_and_grads(params, other, batch):
