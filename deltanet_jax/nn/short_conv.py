@@ -127,13 +127,11 @@ def conv_activate_sharded(mesh: Mesh, x: jax.Array, weight: jax.Array, segment_i
         return names if names and n % (math.prod(mesh.shape[a] for a in names) * unit) == 0 else None
 
     rows, chans = split(BATCH_MESH_AXES, x.shape[0]), split(HEAD_MESH_AXES, x.shape[2], 16)
-    seq, w_spec = PartitionSpec(rows, None, chans), PartitionSpec(chans, None)
-    if segment_ids is None:
-        local = lambda x, w: conv_activate_kernel(x, w, None, activation)  # noqa: E731
-        args, specs = (x, weight), (seq, w_spec)
-    else:
-        local = lambda x, w, seg: conv_activate_kernel(x, w, seg, activation)  # noqa: E731
-        args, specs = (x, weight, segment_ids), (seq, w_spec, PartitionSpec(rows, None))
+    seq = PartitionSpec(rows, None, chans)
+    args, specs = (x, weight), (seq, PartitionSpec(chans, None))
+    if segment_ids is not None:
+        args, specs = args + (segment_ids,), specs + (PartitionSpec(rows, None),)
+    local = lambda x, w, *seg: conv_activate_kernel(x, w, *(seg or (None,)), activation)  # noqa: E731
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(seq, seq), check_vma=False)(*args)
 
 
