@@ -11,9 +11,10 @@ DeltaNet, softmax attention on both layers (Transformer++) and vanilla linear at
 (`mixer="linear"`). Each (model, dimension) cell trains at its model's learning rate (or sweeps
 `--lrs` and keeps the best test accuracy: the fraction of query positions answered right).
 
-The budget is smaller than Zoology's (stated in the output): a fixed pool of training examples
-visited for at most `--max-steps` updates per run, evaluation every `--eval-every` updates on a
-separate test set, early stop once test accuracy reaches `--target` (0.99). A cell that reaches
+The budget is smaller than Zoology's (stated in the output): passes over `--train-examples`
+training examples, a new draw of them every pass (`--no-fresh-examples`: one fixed pool, as
+Zoology trains; small models then memorise it), for at most `--max-steps` updates per run,
+evaluation every `--eval-every` updates on a separate test set, early stop once test accuracy reaches `--target` (0.99). A cell that reaches
 the target skips its remaining learning rates. `--time-limit` is shared out as the runs go: each
 run may use an equal share of the time left among the runs still to come. On a GPU the cells train
 side by side, one process each (`--workers`), every process with the whole time limit for its
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -73,7 +75,9 @@ class Setting:
     # None: each model's own learning rate (DEFAULT_LRS); a tuple: these, in order, for every model
     lrs: tuple[float, ...] | None = None
     batch_size: int = 128  # rows of seq_len tokens per update (a packed row holds several examples)
-    train_examples: int = 100_000
+    train_examples: int = 100_000  # per pass over the training data
+    # a new draw of train_examples every pass (made in the background); False: one fixed pool
+    fresh_examples: bool = True
     test_examples: int = 1_024
     max_steps: int = 10_000
     warmup_steps: int = 200
@@ -158,8 +162,11 @@ class Setting:
         per_update = f" (~{self.batch_size * self.train_examples / rows:.0f} examples)" if rows != self.train_examples else ""
         epochs = self.max_steps * self.batch_size / rows
         unit = "rows" if per_update else "sequences"
+        passes = (f"{epochs:.1f} passes of {self.train_examples} training examples in {rows} rows, new ones drawn "
+                  f"every pass" if self.fresh_examples else
+                  f"{epochs:.1f} epochs of one pool of {self.train_examples} training examples in {rows} rows")
         return (f"budget per run: at most {self.max_steps} updates of {self.batch_size} {unit}{per_update} "
-                f"({epochs:.1f} epochs of {self.train_examples} training examples in {rows} rows), "
+                f"({passes}), "
                 f"warmup {self.warmup_steps}, "
                 f"cosine decay to lr/10, test accuracy on {self.test_used} examples every {self.eval_every} "
                 f"updates, early stop at {self.target}; learning rates {lrs} "
@@ -280,17 +287,23 @@ class Cell:
         return self._together
 
 
-def training_pool(s: Setting) -> tuple[Any, Any, Any]:
+# Seed offset between two draws of the training pool (the test set's seed is s.seed + 10_000).
+DRAW_SEED_STRIDE = 1_000_003
+
+
+def training_pool(s: Setting, draw: int = 0) -> tuple[Any, Any, Any]:
     """(inputs, targets, segment_ids) int32 [rows, seq_len]: the test task's examples (segment_ids
     None), or with `s.train_mix` each listed task's share of `train_examples`, packed
     `s.per_row(length)` to a row (segment ids 1, 2, ... per example, 0 with ignored targets for
-    the padding) or padded one to a row."""
+    the padding) or padded one to a row. `draw` numbers independent pools of the same setting (one
+    per pass over the data with `s.fresh_examples`)."""
     import numpy as np
 
     from deltanet_jax.data.synthetic import IGNORE_INDEX, multiquery_ar
 
+    seed = s.seed + DRAW_SEED_STRIDE * draw
     if not s.train_mix:
-        x, y = multiquery_ar(s.train_examples, s.task(), seed=s.seed)
+        x, y = multiquery_ar(s.train_examples, s.task(), seed=seed)
         return x, y, None
     rows = s.train_rows
     inputs = np.zeros((rows, s.seq_len), np.int32)
@@ -300,7 +313,7 @@ def training_pool(s: Setting) -> tuple[Any, Any, Any]:
     for i, ((length, pairs, _), n) in enumerate(zip(s.train_mix, s.mix_counts())):
         if n == 0:
             continue
-        x, y = multiquery_ar(n, s.task(length, pairs), seed=s.seed + 101 * i)
+        x, y = multiquery_ar(n, s.task(length, pairs), seed=seed + 101 * i)
         k = s.per_row(length)
         used = -(-n // k)
         for j in range(k):  # example e goes to row e // k, slot e % k
@@ -313,15 +326,41 @@ def training_pool(s: Setting) -> tuple[Any, Any, Any]:
     return inputs, targets, segments
 
 
-def _batches(pool: tuple[Any, Any, Any], batch_size: int, seed: int):
-    """Endless shuffled batches {inputs, targets[, segment_ids]} over a fixed pool of rows (a new
-    permutation per epoch)."""
+def _batches(pool: tuple[Any, Any, Any], batch_size: int, seed: int,
+             refill: Callable[[int], tuple[Any, Any, Any]] | None = None):
+    """Endless shuffled batches {inputs, targets[, segment_ids]} over a pool of rows, a new
+    permutation per pass. Without `refill` every pass visits the same pool; with it pass e > 0
+    visits `refill(e)`, drawn in a background thread while pass e - 1 is trained on."""
+    import threading
+
     import numpy as np
 
-    inputs, targets, segments = pool
     rng = np.random.default_rng(seed)
-    n = len(inputs)
+
+    def start(draw: int) -> Callable[[], tuple[Any, Any, Any]]:
+        box: dict[str, Any] = {}
+
+        def work():
+            try:
+                box["pool"] = refill(draw)
+            except BaseException as err:  # re-raised in the training loop
+                box["error"] = err
+
+        thread = threading.Thread(target=work, name=f"mqar-draw-{draw}", daemon=True)
+        thread.start()
+
+        def result():
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            return box["pool"]
+        return result
+
+    draw = 0
     while True:
+        upcoming = start(draw + 1) if refill is not None else None
+        inputs, targets, segments = pool
+        n = len(inputs)
         order = rng.permutation(n)
         for i in range(0, n - batch_size + 1, batch_size):
             idx = order[i:i + batch_size]
@@ -329,6 +368,15 @@ def _batches(pool: tuple[Any, Any, Any], batch_size: int, seed: int):
             if segments is not None:
                 batch["segment_ids"] = segments[idx]
             yield batch
+        if upcoming is not None:
+            pool, draw = upcoming(), draw + 1
+
+
+def training_batches(s: Setting, pool: tuple[Any, Any, Any]):
+    """A run's batches (`_batches`): over `pool` (`training_pool(s)`) and, with `s.fresh_examples`,
+    a new draw of it every pass; the same sequence for every run of `s`."""
+    refill = functools.partial(training_pool, s) if s.fresh_examples else None
+    return _batches(pool, s.batch_size, seed=s.seed + 1, refill=refill)
 
 
 def _evaluate(correct: Callable, eval_step: Callable, state, test_batches) -> tuple[Any, Any]:
@@ -354,7 +402,7 @@ def train_run(cell: Cell, lr: float, train, test_batches, log: Callable[[str], N
     result = RunResult(cell.model, cell.dim, lr, params=cell.params)
     t0 = time.perf_counter()
     state = cell.fresh_state(lr)
-    data = _batches(train, s.batch_size, seed=s.seed + 1)
+    data = training_batches(s, train)
     tag = f"[{cell.model} d={cell.dim} lr={lr:g}]"
     step = 0
     result.status = "budget spent"
@@ -405,7 +453,7 @@ def train_together(cell: Cell, lrs: Sequence[float], train, test_batches, log: C
     results = [RunResult(cell.model, cell.dim, lr, params=cell.params, status="budget spent") for lr in lrs]
     t0 = time.perf_counter()
     state = jax.tree.map(lambda *xs: jnp.stack(xs), *[cell.fresh_state(lr) for lr in lrs])
-    data = _batches(train, s.batch_size, seed=s.seed + 1)
+    data = training_batches(s, train)
     tag = f"[{cell.model} d={cell.dim} lr={'/'.join(f'{lr:g}' for lr in lrs)}]"
     live = np.ones(len(lrs), bool)
     show = lambda xs: "/".join(f"{x:.3f}" for x in xs)  # noqa: E731
@@ -811,6 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-mix", action=argparse.BooleanOptionalAction, default=None,
                    help="pack shorter --train-mix tasks seq_len // length examples to a row, segment ids between "
                         "them (default); --no-pack-mix pads each example to a row of its own")
+    p.add_argument("--fresh-examples", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw new training examples every pass over --train-examples (default; the next draw "
+                        "is made in the background); --no-fresh-examples trains on one fixed pool")
     p.add_argument("--short-conv", action="store_const", const=True,
                    help="give DeltaNet and linear attention their short convolutions (the paper's setting has none)")
     p.add_argument("--lrs-together", action="store_const", const=True,

@@ -417,3 +417,55 @@ def test_lrs_together_stop_once_one_reaches_the_target(tmp_path):
 
     cut = mqar.run_grid(dataclass_replace(s, lrs_together=True, time_limit=0.0), tmp_path / "cut", log=quiet)
     assert [r.status for r in cut] == ["not run (time limit)"] * 2 and all(r.params > 0 for r in cut)
+
+
+@pytest.mark.parametrize("mix", [(), ((8, 2, 0.5), (16, 4, 0.5))])
+def test_fresh_examples_draw_a_new_pool_every_pass(mix):
+    from experiments import mqar
+
+    s = mqar.Setting(vocab_size=64, seq_len=16, num_kv_pairs=4, train_mix=mix, train_examples=24, batch_size=4)
+    first = mqar.training_pool(s)
+    rows = len(first[0])
+    per_pass = rows // s.batch_size
+
+    def passes(setting, n):
+        data = mqar.training_batches(setting, first)
+        out = []
+        for _ in range(n):
+            batches = [next(data) for _ in range(per_pass)]
+            out.append({tuple(r) for b in batches for r in b["inputs"].tolist()})
+        return out
+
+    fresh = passes(s, 3)
+    fixed = passes(dataclass_replace(s, fresh_examples=False), 3)
+    pools = [{tuple(r) for r in mqar.training_pool(s, draw)[0].tolist()} for draw in range(3)]
+    # with fresh examples pass e visits draw e; without, every pass visits the first pool (a pass
+    # leaves out the rows short of a whole batch)
+    assert all(len(seen) == per_pass * s.batch_size for seen in fresh + fixed)
+    assert all(seen <= pool for seen, pool in zip(fresh, pools, strict=True))
+    assert all(seen <= pools[0] for seen in fixed)
+    assert not pools[1] & pools[0] and not pools[2] & pools[1]
+    # the test set is never drawn for training
+    test_x, _ = multiquery_ar(64, s.task(), seed=s.seed + 10_000)
+    assert not {tuple(r) for r in test_x.tolist()} & set().union(*pools)
+    # the same sequence of batches for every run of the setting (learning rates compare on one stream)
+    again = mqar.training_batches(s, first)
+    first_run = mqar.training_batches(s, first)
+    for _ in range(2 * per_pass + 1):
+        a, b = next(again), next(first_run)
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+def test_a_failing_draw_stops_the_run_with_its_error():
+    from experiments import mqar
+
+    pool = mqar.training_pool(mqar.Setting(vocab_size=64, seq_len=16, num_kv_pairs=4, train_mix=(),
+                                           train_examples=8, batch_size=4))
+
+    def broken(draw):
+        raise MemoryError(f"draw {draw}")
+
+    data = mqar._batches(pool, 4, seed=0, refill=broken)
+    next(data), next(data)
+    with pytest.raises(MemoryError, match="draw 1"):
+        next(data)
