@@ -6,6 +6,7 @@ state), bf16 inputs; regenerates the ops section of BENCHMARKS.md.
     python -m experiments.bench_ops --sweep         # also time launch choices of each kernel
     python -m experiments.bench_ops --breakdown     # also time each kernel, ours and fla's
     python -m experiments.bench_ops --sweep --dtype float32 --skip-table --shapes 2x256x2x256   # float32 launches
+    python -m experiments.bench_ops --sweep wy_inverse wy_inverse_doubling --skip-table   # the two diagonal inverses
     python -m experiments.bench_ops --quick --no-write   # tiny shapes, any backend (a smoke test)
     python -m experiments.bench_ops --from-json a.json b.json   # rows of earlier --json runs as one table
 """
@@ -181,6 +182,7 @@ SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
     "wy": ((0,), (1, 2, 4), (1, 2)),
     "wy_apply": ((0,), (1, 2, 4), (1, 2)),
     "wy_inverse": ((0,), (1, 2, 4, 8), (1, 2)),
+    "wy_inverse_doubling": ((0,), (2, 4, 8), (1,)),   # KernelConfig.doubling_inverse (no loop to pipeline)
     "fwd": ((32, 64), (4, 8), (1, 2, 3)),
     "fwd_from_t": ((16, 32, 64), (4, 8), (1, 2, 3)),
     "states": ((32, 64), (4, 8), (1, 2, 3)),
@@ -191,16 +193,16 @@ SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
 
 
 KERNEL_LABELS = {  # kernel -> its name in the breakdown
-    "wy": "wy_prepare (+T)", "wy_inverse": "wy_inverse (T, P)",
+    "wy": "wy_prepare (+T)", "wy_inverse": "wy_inverse (T, P)", "wy_inverse_doubling": "wy_inverse (T, P, doubling)",
     "fwd": "chunk_forward", "fwd_from_t": "chunk_forward_from_t", "wy_apply": "wy_apply",
     "states": "chunk_states", "state_grads": "chunk_state_grads", "dqkw": "chunk_dqkw", "wy_bwd": "wy_backward",
 }
 
 
-def kernel_calls(shape, dtype=jnp.bfloat16):
+def kernel_calls(shape, dtype=jnp.bfloat16, doubling: bool = False):
     """Every Pallas kernel at `shape` as `name -> fn(launch, block_v)` on fixed random inputs in
     `dtype` (each kernel's upstream results computed once, with the op's launch choices), and the
-    NumPy inputs."""
+    NumPy inputs; `wy` and `wy_inverse` invert by `doubling` (`wy_inverse_doubling` always does)."""
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
     from pallas_kernels.delta_rule.chunk_fwd import chunk_forward, chunk_forward_from_t
     from pallas_kernels.delta_rule.common import KernelConfig, Static
@@ -218,8 +220,9 @@ def kernel_calls(shape, dtype=jnp.bfloat16):
                                    launch=cf.state_grads)
     _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=cf.dqkw_block_v, launch=cf.dqkw)
     calls = {
-        "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L),
-        "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L),
+        "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L, doubling=doubling),
+        "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L, doubling=doubling),
+        "wy_inverse_doubling": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L, doubling=True),
         "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=bv, launch=L),
         "fwd_from_t": lambda L, bv: chunk_forward_from_t(q, k, v, beta, tm, None, h0, p, static=st, block_v=bv,
                                                          launch=L),
@@ -264,7 +267,7 @@ def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | N
 
     B, T, H, D = shape
     cf = dataclasses.replace(KernelConfig.for_shape(D, D, B * H, jnp.dtype(dtype).itemsize), **(overrides or {}))
-    kernels, np_in = kernel_calls(shape, dtype)
+    kernels, np_in = kernel_calls(shape, dtype, cf.doubling_inverse)
     launches = {"wy": (cf.wy, 0), "wy_inverse": (cf.wy_inverse, 0),
                 "fwd": (cf.fwd, cf.fwd_block_v), "fwd_from_t": (cf.fwd, cf.fwd_block_v), "wy_apply": (cf.wy_apply, 0),
                 "states": (cf.states, cf.fwd_block_v), "state_grads": (cf.state_grads, cf.bwd_block_v),

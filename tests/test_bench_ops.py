@@ -39,9 +39,23 @@ def test_float32_sweep_and_dtype_needs_skip_table(tmp_path, monkeypatch, capsys)
     assert row["kernel"] == "wy_apply" and row["num_warps"] == 4 and row["ms"] > 0
 
 
+def test_sweep_times_both_diagonal_inverses(tmp_path, monkeypatch):
+    """`--sweep wy_inverse wy_inverse_doubling` times the inverse kernel by substitution and by
+    doubling (`KernelConfig.doubling_inverse`) in one run."""
+    for name in ("wy_inverse", "wy_inverse_doubling"):
+        monkeypatch.setitem(bench_ops.SWEEPS, name, ((0,), (2, 4), (1,)))
+    out = tmp_path / "sweep.json"
+    bench_ops.main(["--quick", "--skip-table", "--skip-decode", "--sweep", "wy_inverse", "wy_inverse_doubling",
+                    "--reps", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["sweep"]
+    assert [(r["kernel"], r["num_warps"]) for r in rows] == [
+        ("wy_inverse", 2), ("wy_inverse", 4), ("wy_inverse_doubling", 2), ("wy_inverse_doubling", 4)]
+    assert all(r["ms"] > 0 for r in rows)
+
+
 def test_parse_config():
-    got = bench_ops.parse_config(["fold_wu=true", "wy=8,2", "fwd_block_v=32"])
-    assert got == {"fold_wu": True, "wy": Launch(8, 2), "fwd_block_v": 32}
+    got = bench_ops.parse_config(["fold_wu=true", "wy=8,2", "fwd_block_v=32", "doubling_inverse=1"])
+    assert got == {"fold_wu": True, "wy": Launch(8, 2), "fwd_block_v": 32, "doubling_inverse": True}
     for bad in (["nope=1"], ["wy=8"], ["fold_wu=maybe"], ["fwd_block_v"]):
         with pytest.raises(argparse.ArgumentTypeError):
             bench_ops.parse_config(bad)

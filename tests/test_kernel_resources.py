@@ -15,6 +15,11 @@ def test_forward_and_backward_kernels_lower_for_cuda(tmp_path):
     assert [(k["num_warps"], k["num_stages"]) for k in forward] == [(2, 1), (4, 3)]
     unfolded = kernel_resources.op_kernels((2, 256, 3, 64), backward=False, overrides={"fold_wu": False})
     assert [k["name"] for k in unfolded] == ["delta_rule_wy_prepare", "delta_rule_chunk_fwd"]
+    for fold in (True, False):   # the diagonal inverses by products: no scratch output, no gathers
+        doubling = kernel_resources.op_kernels((2, 256, 3, 64), backward=False,
+                                               overrides={"fold_wu": fold, "doubling_inverse": True})
+        assert doubling[0]["ir"].count("tt.store") < (forward if fold else unfolded)[0]["ir"].count("tt.store")
+        assert "gpu.barrier" not in doubling[0]["ir"]
     kernel_resources.main(["--shape", "1x128x2x32", "--backward", "--ir-only", "--out", str(tmp_path)])
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["00_delta_rule_wy_inverse.ttir", "01_delta_rule_chunk_fwd_from_t.ttir",

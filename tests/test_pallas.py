@@ -98,10 +98,10 @@ def _chunk_a(case: str, seed: int = 4) -> np.ndarray:
                                   "correlated-beta2"])
 def test_inverse_unit_lower64_matches_numpy(case):
     """The chunk inverse (16x16 diagonal blocks by gathered substitution, looped or with the
-    gathers prefetched, then the block Neumann product) against float64, exact as interpreted and
-    with the GPU's three-bf16-product merge of float32 inputs, on repeated keys with beta 1 and 2
-    (a reflection) and correlated keys. The scratch it gathers from holds NaN outside the diagonal
-    blocks: those entries must never be read."""
+    gathers prefetched, or by doubling; then the block Neumann product) against float64, exact as
+    interpreted and with the GPU's three-bf16-product products of float32 inputs, on repeated keys
+    with beta 1 and 2 (a reflection) and correlated keys; doubling also against substitution. The
+    scratch it gathers from holds NaN outside the diagonal blocks: those entries must never be read."""
     from pallas_kernels.delta_rule.common import Static, inverse_unit_lower64
 
     a = _chunk_a(case)
@@ -112,11 +112,50 @@ def test_inverse_unit_lower64_matches_numpy(case):
     scale = max(1.0, np.abs(ref).max())
     for interpret, tol in ((True, 1e-5), (False, 2e-4)):
         static = Static(scale=1.0, qk_l2norm=False, has_segments=False, interpret=interpret)
-        for prefetch in (False, True):
-            t = np.asarray(inverse_unit_lower64(a32, scratch, static, jnp.float32, prefetch), np.float64)
-            # float32 rounding through 15 substitution steps and 4 products: a few ulps of max |T|
-            # exact; the bf16 x3 products carry ~16 significant bits (measured worst 5e-5).
-            assert np.abs(t - ref).max() <= tol * scale, (interpret, prefetch, np.abs(t - ref).max())
+        ts = {}
+        for prefetch, doubling in ((False, False), (True, False), (False, True)):
+            t = np.asarray(inverse_unit_lower64(a32, scratch, static, jnp.float32, prefetch, doubling), np.float64)
+            # float32 rounding through 15 substitution steps (or 6 products) and 4 products: a few
+            # ulps of max |T| exact (doubling: 6e-7 measured); the bf16 x3 products carry ~16
+            # significant bits (measured worst 5e-5 by substitution, 9e-5 by doubling).
+            assert np.abs(t - ref).max() <= tol * scale, (interpret, prefetch, doubling, np.abs(t - ref).max())
+            ts[prefetch, doubling] = t
+        assert np.abs(ts[False, True] - ts[False, False]).max() <= tol * scale
+
+
+@pytest.mark.parametrize("segments", [False, True], ids=["no-segments", "segments"])
+def test_wy_kernels_invert_by_doubling(segments):
+    """`wy_inverse` and `wy_prepare` with `doubling` (no scratch, diagonal blocks by products) give
+    the T, P, W and U of substitution, and T within 1e-5 of the float64 inverse of each chunk's A
+    (interpreted: exact float32 products; float32 inputs; measured 1e-6)."""
+    from pallas_kernels.delta_rule.common import Static
+    from pallas_kernels.delta_rule.wy import wy_inverse, wy_prepare
+
+    B, T, H, K = 2, 128, 2, 32
+    q, k, v, beta, _ = make_inputs(3, B, T, H, K, K)
+    k = k.at[:, 64:].set(k[:, 64:65] + 0.3 * k[:, 64:])   # correlated keys in the second chunk
+    beta = beta.at[:, 64:].multiply(2.0)                  # with beta in [1, 2]-ish
+    seg = jnp.asarray(np.repeat(np.repeat([[0, 1, 2, 3]], [5, 40, 50, 33], axis=1), B, 0)) if segments else None
+    st = Static(scale=K ** -0.5, qk_l2norm=True, has_segments=segments, interpret=True)
+    t_sub, p_sub = wy_inverse(k, beta, seg, q, static=st)
+    t_dbl, p_dbl = wy_inverse(k, beta, seg, q, static=st, doubling=True)
+    assert rel_err(t_dbl, t_sub) < 1e-6 and rel_err(p_dbl, p_sub) == 0.0
+    kn = np.asarray(k, np.float64) / np.linalg.norm(np.asarray(k, np.float64), axis=-1, keepdims=True)
+    for b in range(B):
+        for h in range(H):
+            for c in range(T // 64):
+                rows = slice(64 * c, 64 * c + 64)
+                kc, bc = kn[b, rows, h], np.asarray(beta, np.float64)[b, rows, h]
+                a = np.tril(bc[:, None] * kc @ kc.T, -1)
+                if segments:
+                    sc = np.asarray(seg)[b, rows]
+                    a = np.where(sc[:, None] == sc[None, :], a, 0.0)
+                ref = np.linalg.inv(np.eye(64) + a)
+                assert np.abs(np.asarray(t_dbl)[b, rows, h] - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
+    sub = wy_prepare(k, v, beta, seg, q, static=st, with_t=True)
+    dbl = wy_prepare(k, v, beta, seg, q, static=st, with_t=True, doubling=True)
+    for name, x, y in zip("w u t p".split(), dbl, sub):
+        assert rel_err(x, y) < 1e-6, name
 
 
 @pytest.mark.parametrize("K,V", [(16, 32), (96, 80)], ids=["K16-V32", "K96-V80-column-blocks"])
@@ -149,6 +188,36 @@ def test_forward_without_folding_matches_default(K, V):
         assert rel_err(b, a) < 1e-6, name
 
 
+@pytest.mark.parametrize("fold_wu,segments", [(True, True), (False, False)], ids=["folded-segments", "unfolded"])
+def test_op_with_doubling_inverse_matches_default(fold_wu, segments):
+    """`KernelConfig.doubling_inverse` (the inverse's diagonal blocks by products) changes neither
+    outputs, final state nor gradients beyond float32 rounding (interpreted), through `wy_inverse`
+    (folded forward) and `wy_prepare`, with qk_l2norm and an initial state."""
+    import dataclasses
+
+    from deltanet_jax.ops.segments import segment_index
+    from pallas_kernels.delta_rule import chunk_delta_rule
+    from pallas_kernels.delta_rule.common import KernelConfig
+
+    B, T, H, K, V = 2, 100, 2, 16, 32
+    q, k, v, beta, s0 = make_inputs(6, B, T, H, K, V)
+    seg_index, valid = segment_index(_segments(B, T)) if segments else (None, None)
+    base = dataclasses.replace(KernelConfig.for_shape(K, V, B * H), fold_wu=fold_wu)
+    assert not base.doubling_inverse
+
+    def run(config):
+        def loss(q, k, v, beta, s0):
+            o, s = chunk_delta_rule(q, k, v, beta, scale=K ** -0.5, initial_state=s0, seg_index=seg_index,
+                                    valid=valid, qk_l2norm=True, interpret=True, config=config)
+            return jnp.sum(o * jnp.cos(o)) + jnp.sum(s ** 2), (o, s)
+        (_, out), g = jax.value_and_grad(loss, argnums=range(5), has_aux=True)(q, k, v, beta, s0)
+        return (*out, *g)
+
+    got, want = run(dataclasses.replace(base, doubling_inverse=True)), run(base)
+    for name, a, b in zip(["o", "state"] + "dq dk dv dbeta dh0".split(), got, want):
+        assert rel_err(a, b) < 1e-6, name
+
+
 @pytest.mark.parametrize("K,wide_launch,narrow_launch", [
     (128, (128, 64, (4, 1)), (64, 64, (4, 1))),
     (256, (128, 64, (8, 1)), (32, 32, (4, 1))),
@@ -173,6 +242,9 @@ def test_wide_backward_tiles_match_narrow_ones(K, wide_launch, narrow_launch):
     seg_index, valid = segment_index(_segments(B, T))
     wide = KernelConfig.for_shape(K, V, B * H, itemsize=2)
     assert (wide.dqkw_block_v, wide.wy_bwd_block_v, dataclasses.astuple(wide.wy_bwd)) == wide_launch
+    # 16-bit inputs at K = 128 invert by doubling at 4 warps; float32 and K = 256 (`wy_prepare`) do not
+    assert wide.doubling_inverse == (K == 128) and dataclasses.astuple(wide.wy_inverse) == (4, 1)
+    assert not KernelConfig.for_shape(K, V, B * H, itemsize=4).doubling_inverse
     if K == 256:
         fp32 = KernelConfig.for_shape(K, V, B * H, itemsize=4)
         assert (fp32.dqkw_block_v, fp32.wy_bwd_block_v) == narrow_launch[:2]

@@ -152,16 +152,41 @@ def split_dot(a: jax.Array, b: jax.Array, static: Static, dtype) -> jax.Array:
     return dot(a_hi, b_hi) + (dot(a_hi, b_lo) + dot(a_lo, b_hi))
 
 
-def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype, prefetch: bool = False) -> jax.Array:
+def diagonal_inverse_by_doubling(a: jax.Array, static: Static, dtype) -> jax.Array:
+    """`D = blockdiag((I + A_dd)^{-1})` (float32 `[64, 64]`) of the 16x16 diagonal blocks of a strictly
+    lower-triangular `A` (float32 `[64, 64]`) by recursive 2x2 block inversion, for s = 2, 4, 8:
+    `D_2s = D_s - (D_s E_s) D_s` with `E_s` the lower-left s x s quadrant of A inside each 2s x 2s
+    diagonal block, starting from `D_2 = I - E_1`. Six 64x64 products (`split_dot`, by the input
+    `dtype`), each masked to its quadrants, instead of 15 dependent substitution steps.
+
+    The Neumann form `(I - L)(I + L^2)(I + L^4)(I + L^8)` costs as much but is unstable: for
+    correlated keys with beta near 1-2 its powers of L grow to ~1e5 and cancel (relative error of T
+    up to 6.5 with TF32 products, 0.3 with bf16 x3, 1.3e-2 with exact float32 products)."""
+    rows, cols = iota2(CHUNK, CHUNK, 0), iota2(CHUNK, CHUNK, 1)
+
+    def quadrant(s: int) -> jax.Array:       # lower-left s x s block inside each 2s x 2s diagonal block
+        return (rows // (2 * s) == cols // (2 * s)) & (rows // s > cols // s)
+
+    d = (rows == cols).astype(jnp.float32) - jnp.where(quadrant(1), a, 0.0)
+    for s in (2, 4, 8):
+        mask = quadrant(s)
+        de = split_dot(d, jnp.where(mask, a, 0.0), static, dtype)
+        d = d - jnp.where(mask, split_dot(de, d, static, dtype), 0.0)
+    return d
+
+
+def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype, prefetch: bool = False,
+                         doubling: bool = False) -> jax.Array:
     """`T = (I + A)^{-1}` (float32 `[64, 64]`) of one chunk's strictly lower-triangular `A` (float32,
-    in registers and, written before a barrier, in `a_ref`).
+    in registers and, written before a barrier, in `a_ref`; `a_ref` unused with `doubling`).
 
     The four 16x16 diagonal blocks by forward substitution, all at once on the whole 64x64 tile:
     step i (1..15) gathers row i of every diagonal block from `a_ref` (one load, no reduction to
     extract it) and fills row i of each block of `D = blockdiag((I + A_dd)^{-1})` with one
-    reduction. Then, with `N = D A_off` (A below the diagonal blocks: block strictly lower, so
-    N^4 = 0), `T = (I + N)^{-1} D = D - N (D - N (D - N D))`: four 64x64 products (`split_dot`,
-    by the kernel's input `dtype`). `a_ref` need only hold the diagonal blocks.
+    reduction; or, with `doubling`, by six products (`diagonal_inverse_by_doubling`). Then, with
+    `N = D A_off` (A below the diagonal blocks: block strictly lower, so N^4 = 0),
+    `T = (I + N)^{-1} D = D - N (D - N (D - N D))`: four 64x64 products (`split_dot`, by the
+    kernel's input `dtype`). `a_ref` need only hold the diagonal blocks.
 
     With `prefetch` the 15 gathers are all issued before the first step (the loads then overlap
     instead of each step waiting for its own), the steps unrolled: for 2-warp programs, whose
@@ -180,12 +205,14 @@ def inverse_unit_lower64(a: jax.Array, a_ref, static: Static, dtype, prefetch: b
         s = jnp.sum(g[:, None] * d, axis=0)             # s[c] = sum_j A[r, j] D[j, c], r = 16 (c // 16) + i
         return d - jnp.where(rows == col_block + i, s[None, :], 0.0)
 
-    d = (rows == cols).astype(jnp.float32)
-    if prefetch:
+    if doubling:
+        d = diagonal_inverse_by_doubling(a, static, dtype)
+    elif prefetch:
+        d = (rows == cols).astype(jnp.float32)
         for i, g in enumerate([gather(i) for i in range(1, BLOCK)], start=1):
             d = step(i, g, d)
     else:
-        d = jax.lax.fori_loop(1, BLOCK, lambda i, d: step(i, gather(i), d), d)
+        d = jax.lax.fori_loop(1, BLOCK, lambda i, d: step(i, gather(i), d), (rows == cols).astype(jnp.float32))
     n_mat = split_dot(d, jnp.where(rows // BLOCK > cols // BLOCK, a, 0.0), static, dtype)
     z = split_dot(n_mat, d, static, dtype)
     z = split_dot(n_mat, d - z, static, dtype)
@@ -216,6 +243,7 @@ class KernelConfig:
     wy_bwd_block_v: int = 64
     fold_wu: bool = False           # forward scan makes W, U from T per chunk (`wy_inverse` + `chunk_forward_from_t`)
     wy_inverse: Launch = Launch(4, 1)
+    doubling_inverse: bool = False  # diagonal 16x16 inverses by six products, not 15 substitution steps
 
     @classmethod
     def for_shape(cls, k_dim: int, v_dim: int, batch_heads: int, itemsize: int = 2) -> "KernelConfig":
@@ -260,7 +288,12 @@ class KernelConfig:
         # back to back at the three benchmark shapes; NOTES.md); at K = 256 the folded scan spills
         # three times as much, so it stays with `wy_prepare`. For 16-bit inputs the folded scan
         # pipelines 3 stages also over several waves (H200, (16, 2048, 32, 64): 0.39 -> 0.24 ms)
-        # and the inverse runs 2 warps with its gathers prefetched (0.79 -> 0.63 ms, NOTES.md).
+        # and the inverse runs 2 warps with its gathers prefetched (0.79 -> 0.63 ms, NOTES.md); at
+        # K = 128 it inverts the diagonal blocks by doubling at 4 warps instead (H100, the kernel alone:
+        # 0.227 -> 0.172 ms at (2, 8192, 16, 128), 0.223 -> 0.195 at (8, 2048, 16, 128); at
+        # (16, 2048, 32, 64) 0.618 -> 0.685, so not at K = 64).
         sixteen_bit = itemsize <= 2
+        doubling = sixteen_bit and k_dim == 128
         return cls(fwd=Launch(4, 3 if one_wave or sixteen_bit else 1), state_grads=Launch(4, 3), fold_wu=True,
-                   wy_inverse=Launch(2 if sixteen_bit else 4, 1), **per_chunk)
+                   wy_inverse=Launch(2 if sixteen_bit and not doubling else 4, 1), doubling_inverse=doubling,
+                   **per_chunk)

@@ -36,9 +36,11 @@ def _forward(q, k, v, beta, h0, idx, static, config, with_t: bool = False):
     `chunk_forward_from_t`) or not (`wy_prepare` + `chunk_forward`), by `config.fold_wu`."""
     scan = dict(static=static, block_v=config.fwd_block_v, launch=config.fwd)
     if config.fold_wu:
-        tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse)
+        tmat, p = wy_inverse(k, beta, idx, q, static=static, launch=config.wy_inverse,
+                             doubling=config.doubling_inverse)
         return chunk_forward_from_t(q, k, v, beta, tmat, idx, h0, p, **scan), tmat
-    w, u, *rest = wy_prepare(k, v, beta, idx, q, static=static, with_t=with_t, launch=config.wy)
+    w, u, *rest = wy_prepare(k, v, beta, idx, q, static=static, with_t=with_t, launch=config.wy,
+                             doubling=config.doubling_inverse)
     tmat, p = rest if with_t else (None, rest[0])
     return chunk_forward(q, k, w, u, idx, h0, p, **scan), tmat
 

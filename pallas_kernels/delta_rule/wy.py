@@ -8,7 +8,7 @@
 `wy_inverse` computes the same without W and U (the forward scan then makes them from T), and
 `wy_apply` W, U and P from a saved T (the backward pass). A's diagonal 16x16 blocks also go
 through a float32 scratch output `[B, T, H, 64]`, from which the inverse's substitution gathers its
-rows.
+rows (none with `doubling`: the diagonal blocks inverted by products, `diagonal_inverse_by_doubling`).
 
 Optionally writes T (`[B, T, H, C]` in k's dtype, row-major per chunk: W and U multiply it in that
 dtype anyway) for the backward pass. P is the intra-chunk attention the state scans would otherwise
@@ -42,8 +42,8 @@ def intra_chunk_scores(q_ref, ks: list, idx, static: Static) -> jax.Array:
 
 def chunk_a(k_ref, beta_ref, idx_ref, a_ref, static: Static):
     """A = tril(diag(beta) K K^T, -1) of one chunk (masked to same-segment pairs) as one 64x64
-    product, its 16x16 diagonal blocks written to the scratch `a_ref` (the rest of the scratch is
-    never written nor read). Returns (A float32 `[C, C]`, k as `load_blocks` gives it, beta `[C, 1]`
+    product, its 16x16 diagonal blocks written to the scratch `a_ref` if given (the rest of the
+    scratch is never written nor read). Returns (A float32 `[C, C]`, k as `load_blocks` gives it, beta `[C, 1]`
     float32, idx or None); `invert` then needs a barrier before it reads the scratch."""
     dtype = k_ref.dtype
     ks = load_blocks(k_ref, static)
@@ -53,13 +53,17 @@ def chunk_a(k_ref, beta_ref, idx_ref, a_ref, static: Static):
     if idx is not None:
         keep = keep & (idx[:, None] == idx[None, :])
     a = jnp.where(keep, total(mm(k * beta, k, dtype, static, "nt") for k in ks), 0.0)
-    plgpu.store(a_ref, a, mask=iota2(CHUNK, CHUNK, 0) // BLOCK == iota2(CHUNK, CHUNK, 1) // BLOCK)
+    if a_ref is not None:
+        plgpu.store(a_ref, a, mask=iota2(CHUNK, CHUNK, 0) // BLOCK == iota2(CHUNK, CHUNK, 1) // BLOCK)
     return a, ks, beta, idx
 
 
 def invert(a: jax.Array, a_ref, static: Static, dtype, prefetch: bool = False) -> jax.Array:
-    """T = (I + A)^{-1} (float32 `[C, C]`) of `chunk_a`'s A, after a barrier that orders its scratch
-    writes before the inverse's gathers (`inverse_unit_lower64`, with `prefetch`)."""
+    """T = (I + A)^{-1} (float32 `[C, C]`) of `chunk_a`'s A (`inverse_unit_lower64`): with the
+    scratch `a_ref`, by substitution after a barrier that orders its writes before the gathers
+    (with `prefetch`); with `a_ref` None, by doubling (no scratch, no barrier)."""
+    if a_ref is None:
+        return inverse_unit_lower64(a, None, static, dtype, doubling=True)
     barrier(static)
     return inverse_unit_lower64(a, a_ref, static, dtype, prefetch)
 
@@ -74,14 +78,14 @@ def store_wu(w_ref, u_ref, v_ref, tmat: jax.Array, ks: list, beta: jax.Array, st
         u_ref[:, cols] = mm(tmat, v_ref[:, cols].astype(jnp.float32) * beta, dtype, static).astype(u_ref.dtype)
 
 
-def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool):
+def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool, doubling: bool):
     k_ref, v_ref, beta_ref = refs[:3]
     pos = 3
     q_ref = refs[pos] if with_p else None
     pos += with_p
     idx_ref = refs[pos] if static.has_segments else None
     outs = list(refs[pos + static.has_segments:])
-    w_ref, u_ref, a_ref = outs[0], outs[1], outs[-1]
+    w_ref, u_ref, a_ref = outs[0], outs[1], None if doubling else outs[-1]
     a, ks, beta, idx = chunk_a(k_ref, beta_ref, idx_ref, a_ref, static)
     t = invert(a, a_ref, static, k_ref.dtype).astype(k_ref.dtype)
     store_wu(w_ref, u_ref, v_ref, t, ks, beta, static)
@@ -95,16 +99,19 @@ def _chunk_rows(d: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, CHUNK, None, d), lambda c, b, h: (b, c, h, 0))
 
 
-def _scratch(B: int, T: int, H: int) -> tuple:
-    """Shape and spec of the float32 scratch output that holds A for the inverse's gathers."""
-    return jax.ShapeDtypeStruct((B, T, H, CHUNK), jnp.float32), _chunk_rows(CHUNK)
+def _scratch(B: int, T: int, H: int, doubling: bool) -> tuple[list, list]:
+    """Shapes and specs of the float32 scratch output that holds A for the inverse's gathers (none
+    with `doubling`)."""
+    if doubling:
+        return [], []
+    return [jax.ShapeDtypeStruct((B, T, H, CHUNK), jnp.float32)], [_chunk_rows(CHUNK)]
 
 
-@functools.partial(jax.jit, static_argnames=("static", "with_t", "launch"))
+@functools.partial(jax.jit, static_argnames=("static", "with_t", "launch", "doubling"))
 def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, q=None, *, static: Static,
-               with_t: bool = False, launch: Launch = Launch(4, 2)):
+               with_t: bool = False, launch: Launch = Launch(4, 2), doubling: bool = False):
     """k `[B, T, H, K]`, v `[B, T, H, V]`, beta `[B, T, H]`, idx `[B, T]` int32 or None, T % 64 == 0,
-    q `[B, T, H, K]` or None.
+    q `[B, T, H, K]` or None; `doubling`: the inverse's diagonal blocks by products (`invert`).
 
     Returns W `[B, T, H, K]`, U `[B, T, H, V]` in k's dtype, then T `[B, T, H, 64]` in k's dtype if
     `with_t`, then P `[B, T, H, 64]` in q's dtype if q is given."""
@@ -127,34 +134,38 @@ def wy_prepare(k: jax.Array, v: jax.Array, beta: jax.Array, idx, q=None, *, stat
     if q is not None:
         out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), q.dtype))
         out_specs.append(_chunk_rows(CHUNK))
-    scratch_shape, scratch_spec = _scratch(B, T, H)
+    scratch_shape, scratch_spec = _scratch(B, T, H, doubling)
     out = pl.pallas_call(
-        functools.partial(_wy_kernel, static=static, with_t=with_t, with_p=q is not None),
-        out_shape=(*out_shape, scratch_shape), grid=grid, in_specs=in_specs, out_specs=(*out_specs, scratch_spec),
+        functools.partial(_wy_kernel, static=static, with_t=with_t, with_p=q is not None, doubling=doubling),
+        out_shape=(*out_shape, *scratch_shape), grid=grid, in_specs=in_specs,
+        out_specs=(*out_specs, *scratch_spec),
         interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_prepare",
     )(*args)
     return out[:len(out_shape)]
 
 
-def _wy_inverse_kernel(*refs, static: Static, with_p: bool, prefetch: bool):
+def _wy_inverse_kernel(*refs, static: Static, with_p: bool, prefetch: bool, doubling: bool):
     k_ref, beta_ref = refs[:2]
     q_ref = refs[2] if with_p else None
     idx_ref = refs[2 + with_p] if static.has_segments else None
     outs = refs[2 + with_p + static.has_segments:]
-    a, ks, _, idx = chunk_a(k_ref, beta_ref, idx_ref, outs[-1], static)
+    a_ref = None if doubling else outs[-1]
+    a, ks, _, idx = chunk_a(k_ref, beta_ref, idx_ref, a_ref, static)
     if with_p:  # before the inverse, so that k's rows need not stay in registers through it
         outs[1][...] = intra_chunk_scores(q_ref, ks, idx, static).astype(outs[1].dtype)
-    outs[0][...] = invert(a, outs[-1], static, k_ref.dtype, prefetch).astype(outs[0].dtype)
+    outs[0][...] = invert(a, a_ref, static, k_ref.dtype, prefetch).astype(outs[0].dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "launch"))
-def wy_inverse(k: jax.Array, beta: jax.Array, idx, q=None, *, static: Static, launch: Launch = Launch(4, 1)):
+@functools.partial(jax.jit, static_argnames=("static", "launch", "doubling"))
+def wy_inverse(k: jax.Array, beta: jax.Array, idx, q=None, *, static: Static, launch: Launch = Launch(4, 1),
+               doubling: bool = False):
     """T = (I + A)^{-1} per chunk alone (with P = scale tril(Q K^T) if q is given): `wy_prepare`
     without W and U, which the forward scan then makes chunk by chunk (`chunk_forward_from_t`).
 
     k `[B, T, H, K]`, beta `[B, T, H]`, idx `[B, T]` or None, q `[B, T, H, K]` or None, T % 64 == 0.
     Returns T `[B, T, H, 64]` in k's dtype, then P `[B, T, H, 64]` in q's dtype if q is given.
-    Programs of at most 2 warps prefetch the inverse's gathers (`inverse_unit_lower64`)."""
+    Programs of at most 2 warps prefetch the inverse's gathers (`inverse_unit_lower64`); with
+    `doubling` the diagonal blocks are inverted by products instead (no gathers, no scratch)."""
     B, T, H, K = k.shape
     in_specs = [_chunk_rows(K), pl.BlockSpec((None, CHUNK, None), lambda c, b, h: (b, c, h))]
     args = [k, beta]
@@ -167,11 +178,12 @@ def wy_inverse(k: jax.Array, beta: jax.Array, idx, q=None, *, static: Static, la
     out_shape = [jax.ShapeDtypeStruct((B, T, H, CHUNK), k.dtype)]
     if q is not None:
         out_shape.append(jax.ShapeDtypeStruct((B, T, H, CHUNK), q.dtype))
-    scratch_shape, scratch_spec = _scratch(B, T, H)
+    scratch_shape, scratch_spec = _scratch(B, T, H, doubling)
     out = pl.pallas_call(
-        functools.partial(_wy_inverse_kernel, static=static, with_p=q is not None, prefetch=launch.num_warps <= 2),
-        out_shape=(*out_shape, scratch_shape), grid=(T // CHUNK, B, H), in_specs=in_specs,
-        out_specs=(*(_chunk_rows(CHUNK) for _ in out_shape), scratch_spec),
+        functools.partial(_wy_inverse_kernel, static=static, with_p=q is not None, prefetch=launch.num_warps <= 2,
+                          doubling=doubling),
+        out_shape=(*out_shape, *scratch_shape), grid=(T // CHUNK, B, H), in_specs=in_specs,
+        out_specs=(*(_chunk_rows(CHUNK) for _ in out_shape), *scratch_spec),
         interpret=static.interpret, compiler_params=launch.params(), name="delta_rule_wy_inverse",
     )(*args)
     return tuple(out[:2]) if q is not None else out[0]
