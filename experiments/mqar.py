@@ -11,9 +11,9 @@ DeltaNet, softmax attention on both layers (Transformer++) and vanilla linear at
 (`mixer="linear"`). Each (model, dimension) cell trains at its model's learning rate (or sweeps
 `--lrs` and keeps the best test accuracy: the fraction of query positions answered right).
 
-The budget is smaller than Zoology's (stated in the output): passes over `--train-examples`
-training examples, a new draw of them every pass (`--no-fresh-examples`: one fixed pool, as
-Zoology trains; small models then memorise it), for at most `--max-steps` updates per run,
+The budget is smaller than Zoology's (stated in the output): passes over one pool of
+`--train-examples` training examples, as Zoology trains (`--fresh-examples`: a new draw every
+pass, so that a model cannot memorise the pool), for at most `--max-steps` updates per run,
 evaluation every `--eval-every` updates on a separate test set, early stop once test accuracy reaches `--target` (0.99). A cell that reaches
 the target skips its remaining learning rates. `--time-limit` is shared out as the runs go: each
 run may use an equal share of the time left among the runs still to come. On a GPU the cells train
@@ -76,8 +76,8 @@ class Setting:
     lrs: tuple[float, ...] | None = None
     batch_size: int = 128  # rows of seq_len tokens per update (a packed row holds several examples)
     train_examples: int = 100_000  # per pass over the training data
-    # a new draw of train_examples every pass (made in the background); False: one fixed pool
-    fresh_examples: bool = True
+    # True: a new draw of train_examples every pass (made in the background); False: one fixed pool
+    fresh_examples: bool = False
     test_examples: int = 1_024
     max_steps: int = 10_000
     warmup_steps: int = 200
@@ -860,8 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack shorter --train-mix tasks seq_len // length examples to a row, segment ids between "
                         "them (default); --no-pack-mix pads each example to a row of its own")
     p.add_argument("--fresh-examples", action=argparse.BooleanOptionalAction, default=None,
-                   help="draw new training examples every pass over --train-examples (default; the next draw "
-                        "is made in the background); --no-fresh-examples trains on one fixed pool")
+                   help="draw new training examples every pass over --train-examples (the next draw is made "
+                        "in the background); --no-fresh-examples (default) trains on one fixed pool")
     p.add_argument("--short-conv", action="store_const", const=True,
                    help="give DeltaNet and linear attention their short convolutions (the paper's setting has none)")
     p.add_argument("--lrs-together", action="store_const", const=True,

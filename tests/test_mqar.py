@@ -423,7 +423,8 @@ def test_lrs_together_stop_once_one_reaches_the_target(tmp_path):
 def test_fresh_examples_draw_a_new_pool_every_pass(mix):
     from experiments import mqar
 
-    s = mqar.Setting(vocab_size=64, seq_len=16, num_kv_pairs=4, train_mix=mix, train_examples=24, batch_size=4)
+    s = mqar.Setting(vocab_size=64, seq_len=16, num_kv_pairs=4, train_mix=mix, train_examples=24, batch_size=4,
+                     fresh_examples=True)
     first = mqar.training_pool(s)
     rows = len(first[0])
     per_pass = rows // s.batch_size
@@ -469,3 +470,13 @@ def test_a_failing_draw_stops_the_run_with_its_error():
     next(data), next(data)
     with pytest.raises(MemoryError, match="draw 1"):
         next(data)
+
+
+def test_fresh_examples_flag():
+    from experiments import mqar
+
+    parse = lambda *argv: mqar.setting_from_args(mqar.build_parser().parse_args(list(argv)))  # noqa: E731
+    assert not parse().fresh_examples and parse("--fresh-examples").fresh_examples
+    assert not parse("--no-fresh-examples").fresh_examples
+    assert "new ones drawn every pass" in parse("--fresh-examples").budget_text()
+    assert "epochs of one pool" in parse().budget_text()
