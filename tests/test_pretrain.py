@@ -167,3 +167,21 @@ def test_dry_run_counts_parameters_and_writes_nothing(tmp_path, capsys):
     assert "parameters: 374,362,112 (374.4M)" in out
     assert json.loads(out[:out.rindex("}") + 1])["model"]["hidden_size"] == 1024
     assert not run_dir.exists()
+
+
+def test_a_mesh_that_leaves_devices_idle_says_so(tmp_path, capsys, monkeypatch):
+    import jax
+
+    from deltanet_jax.train.mesh import unused_devices_text
+
+    assert unused_devices_text({"data": 2, "fsdp": 2, "tensor": 2}, 8) is None
+    assert unused_devices_text({"data": 1, "fsdp": 2, "tensor": 1}, 8) == (
+        "the mesh mesh.data=1 x mesh.fsdp=2 x mesh.tensor=1 uses 2 of the 8 devices; the other 6 stay idle "
+        "(set one axis to -1 to use them all)")
+    # this machine has one device: pretend to the trainer that it has two, for a one-device mesh
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    _run(tmp_path / "idle", "train.steps=1", "mesh.fsdp=1", "mesh.tensor=1")
+    assert "  the mesh mesh.data=1 x mesh.fsdp=1 x mesh.tensor=1 uses 1 of the 2 devices" in capsys.readouterr().out
+    monkeypatch.undo()
+    _run(tmp_path / "all", "train.steps=1")
+    assert "devices; the other" not in capsys.readouterr().out

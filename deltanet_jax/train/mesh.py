@@ -39,6 +39,16 @@ def check_mesh_fits(shape: dict[str, int], *, num_devices: int, process_count: i
                           "a multi-process mesh must use them all (set one axis to -1)")
 
 
+def unused_devices_text(shape: dict[str, int], num_devices: int) -> str | None:
+    """A line saying how many devices a single-process mesh leaves idle, or None when it uses them all."""
+    used = math.prod(shape.values())
+    if used >= num_devices:
+        return None
+    shown = " x ".join(f"mesh.{axis}={size}" for axis, size in shape.items())
+    return (f"the mesh {shown} uses {used} of the {num_devices} devices; the other {num_devices - used} stay "
+            "idle (set one axis to -1 to use them all)")
+
+
 def check_batch(shape: dict[str, int], *, batch_size: int, grad_accum: int = 1) -> None:
     """The batch must split evenly into `grad_accum` micro-batches, each over data x fsdp."""
     rows = shape["data"] * shape["fsdp"]

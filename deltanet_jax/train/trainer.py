@@ -26,7 +26,8 @@ from deltanet_jax.train.config import RunConfig
 from deltanet_jax.train.data_source import TrainData, make_train_data
 from deltanet_jax.train.distributed import any_process, gather_json, global_batch, process_rows
 from deltanet_jax.train.flops import device_memory_gib, peak_flops, train_flops_per_token
-from deltanet_jax.train.mesh import build_mesh, check_batch, check_mesh_fits, resolve_mesh_shape
+from deltanet_jax.train.mesh import (build_mesh, check_batch, check_mesh_fits, resolve_mesh_shape,
+                                     unused_devices_text)
 from deltanet_jax.train.metrics import (MetricsWriter, plot_losses, plot_throughput, truncate_metrics,
                                         write_config)
 from deltanet_jax.train.optimizer import make_optimizer
@@ -227,6 +228,9 @@ def train(
         )
         for change in plan.changed:
             print(f"  changed since the last run: {change}", file=out)
+        idle = unused_devices_text(dict(mesh.shape), jax.device_count())
+        if idle:
+            print(f"  {idle}", file=out)
 
     skip = tc.nan_policy == "skip"
     train_step = make_train_step(setup.graphdef, setup.tx, grad_accum=tc.grad_accum, skip_nonfinite=skip,
