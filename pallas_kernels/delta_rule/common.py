@@ -160,8 +160,9 @@ def diagonal_inverse_by_doubling(a: jax.Array, static: Static, dtype) -> jax.Arr
     `dtype`), each masked to its quadrants, instead of 15 dependent substitution steps.
 
     The Neumann form `(I - L)(I + L^2)(I + L^4)(I + L^8)` costs as much but is unstable: for
-    correlated keys with beta near 1-2 its powers of L grow to ~1e5 and cancel (relative error of T
-    up to 6.5 with TF32 products, 0.3 with bf16 x3, 1.3e-2 with exact float32 products)."""
+    correlated keys with beta in [1, 2] its powers of L grow to ~1e5 and cancel (relative error of
+    T, Frobenius, worst of 20 chunks: 2e5 with TF32 products, 0.31 with bf16 x3, 4.5e-3 with exact
+    float32 products; NOTES.md)."""
     rows, cols = iota2(CHUNK, CHUNK, 0), iota2(CHUNK, CHUNK, 1)
 
     def quadrant(s: int) -> jax.Array:       # lower-left s x s block inside each 2s x 2s diagonal block
@@ -290,7 +291,7 @@ class KernelConfig:
         # pipelines 3 stages also over several waves (H200, (16, 2048, 32, 64): 0.39 -> 0.24 ms)
         # and the inverse runs 2 warps with its gathers prefetched (0.79 -> 0.63 ms, NOTES.md); at
         # K = 128 it inverts the diagonal blocks by doubling at 4 warps instead (H100, the kernel alone:
-        # 0.227 -> 0.172 ms at (2, 8192, 16, 128), 0.223 -> 0.195 at (8, 2048, 16, 128); at
+        # 0.230 -> 0.172 ms at (2, 8192, 16, 128), 0.227 -> 0.195 at (8, 2048, 16, 128); at
         # (16, 2048, 32, 64) 0.618 -> 0.685, so not at K = 64).
         sixteen_bit = itemsize <= 2
         doubling = sixteen_bit and k_dim == 128

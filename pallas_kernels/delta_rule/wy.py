@@ -58,11 +58,11 @@ def chunk_a(k_ref, beta_ref, idx_ref, a_ref, static: Static):
     return a, ks, beta, idx
 
 
-def invert(a: jax.Array, a_ref, static: Static, dtype, prefetch: bool = False) -> jax.Array:
-    """T = (I + A)^{-1} (float32 `[C, C]`) of `chunk_a`'s A (`inverse_unit_lower64`): with the
-    scratch `a_ref`, by substitution after a barrier that orders its writes before the gathers
-    (with `prefetch`); with `a_ref` None, by doubling (no scratch, no barrier)."""
-    if a_ref is None:
+def invert(a: jax.Array, a_ref, static: Static, dtype, prefetch: bool = False, doubling: bool = False) -> jax.Array:
+    """T = (I + A)^{-1} (float32 `[C, C]`) of `chunk_a`'s A (`inverse_unit_lower64`): by
+    substitution, gathering from the scratch `a_ref` after a barrier that orders its writes before
+    the gathers (with `prefetch`); or with `doubling` by products (`a_ref` None: no scratch, no barrier)."""
+    if doubling:
         return inverse_unit_lower64(a, None, static, dtype, doubling=True)
     barrier(static)
     return inverse_unit_lower64(a, a_ref, static, dtype, prefetch)
@@ -87,7 +87,7 @@ def _wy_kernel(*refs, static: Static, with_t: bool, with_p: bool, doubling: bool
     outs = list(refs[pos + static.has_segments:])
     w_ref, u_ref, a_ref = outs[0], outs[1], None if doubling else outs[-1]
     a, ks, beta, idx = chunk_a(k_ref, beta_ref, idx_ref, a_ref, static)
-    t = invert(a, a_ref, static, k_ref.dtype).astype(k_ref.dtype)
+    t = invert(a, a_ref, static, k_ref.dtype, doubling=doubling).astype(k_ref.dtype)
     store_wu(w_ref, u_ref, v_ref, t, ks, beta, static)
     if with_t:
         outs[2][...] = t.astype(outs[2].dtype)
@@ -153,7 +153,7 @@ def _wy_inverse_kernel(*refs, static: Static, with_p: bool, prefetch: bool, doub
     a, ks, _, idx = chunk_a(k_ref, beta_ref, idx_ref, a_ref, static)
     if with_p:  # before the inverse, so that k's rows need not stay in registers through it
         outs[1][...] = intra_chunk_scores(q_ref, ks, idx, static).astype(outs[1].dtype)
-    outs[0][...] = invert(a, a_ref, static, k_ref.dtype, prefetch).astype(outs[0].dtype)
+    outs[0][...] = invert(a, a_ref, static, k_ref.dtype, prefetch, doubling).astype(outs[0].dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "launch", "doubling"))
