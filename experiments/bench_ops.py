@@ -275,8 +275,11 @@ def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | N
     forward = ["wy_inverse", "fwd_from_t"] if cf.fold_wu else ["wy", "fwd"]
     passes = [("fwd", name) for name in forward] + [("bwd", name) for name in
                                                     ("wy_apply", "states", "state_grads", "dqkw", "wy_bwd")]
-    ours = {f"{stage}: {KERNEL_LABELS[name]}": functools.partial(kernels[name], *launches[name])
-            for stage, name in passes}
+    def label(name: str) -> str:  # the inverse's kernels say when they invert by doubling
+        text = KERNEL_LABELS[name]
+        return text[:-1] + ", doubling)" if cf.doubling_inverse and name in ("wy", "wy_inverse") else text
+
+    ours = {f"{stage}: {label(name)}": functools.partial(kernels[name], *launches[name]) for stage, name in passes}
     rows = []
 
     def record(impl, name, fn, sync):

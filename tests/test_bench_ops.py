@@ -10,16 +10,18 @@ from experiments import bench_ops
 from pallas_kernels.delta_rule.common import Launch
 
 
-def test_quick_run_with_breakdown(tmp_path):
+@pytest.mark.parametrize("doubling", [False, True])
+def test_quick_run_with_breakdown(tmp_path, doubling):
     out = tmp_path / "ops.json"
     bench_ops.main(["--quick", "--no-write", "--breakdown", "--skip-decode", "--reps", "1",
-                    "--config", "fold_wu=false", "--json", str(out)])
+                    "--config", "fold_wu=false", f"doubling_inverse={str(doubling).lower()}", "--json", str(out)])
     res = json.loads(out.read_text())
     (row,) = res["rows"]
     assert row["pallas_fwd"] > 0 and row["pallas_fwdbwd"] > 0 and row["err_pallas_vs_xla"] < 0.02
     assert row["pallas_fwd_b2b"] > 0 and row["pallas_fwdbwd_b2b"] > 0 and "xla_fwd_b2b" not in row
     kernels = [r["kernel"] for r in res["breakdown"] if r["impl"] == "pallas"]
-    assert kernels[:2] == ["fwd: wy_prepare (+T)", "fwd: chunk_forward"]   # the forward without folding
+    prepare = "fwd: wy_prepare (+T, doubling)" if doubling else "fwd: wy_prepare (+T)"
+    assert kernels[:2] == [prepare, "fwd: chunk_forward"]   # the forward without folding
     assert len(kernels) == 7 and all(r["ms"] > 0 for r in res["breakdown"])
 
 
