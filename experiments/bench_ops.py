@@ -193,16 +193,18 @@ SWEEPS = {  # kernel -> (V-tile widths, warps, stages) tried by --sweep
 
 
 KERNEL_LABELS = {  # kernel -> its name in the breakdown
-    "wy": "wy_prepare (+T)", "wy_inverse": "wy_inverse (T, P)", "wy_inverse_doubling": "wy_inverse (T, P, doubling)",
+    "wy": "wy_prepare (+T)", "wy_doubling": "wy_prepare (+T, doubling)",
+    "wy_inverse": "wy_inverse (T, P)", "wy_inverse_doubling": "wy_inverse (T, P, doubling)",
     "fwd": "chunk_forward", "fwd_from_t": "chunk_forward_from_t", "wy_apply": "wy_apply",
     "states": "chunk_states", "state_grads": "chunk_state_grads", "dqkw": "chunk_dqkw", "wy_bwd": "wy_backward",
 }
 
 
-def kernel_calls(shape, dtype=jnp.bfloat16, doubling: bool = False):
+def kernel_calls(shape, dtype=jnp.bfloat16):
     """Every Pallas kernel at `shape` as `name -> fn(launch, block_v)` on fixed random inputs in
     `dtype` (each kernel's upstream results computed once, with the op's launch choices), and the
-    NumPy inputs; `wy` and `wy_inverse` invert by `doubling` (`wy_inverse_doubling` always does)."""
+    NumPy inputs; the `_doubling` variants of `wy` and `wy_inverse` invert the diagonal blocks by
+    doubling, the others by substitution."""
     from pallas_kernels.delta_rule.chunk_bwd import chunk_dqkw, chunk_state_grads, wy_backward
     from pallas_kernels.delta_rule.chunk_fwd import chunk_forward, chunk_forward_from_t
     from pallas_kernels.delta_rule.common import KernelConfig, Static
@@ -220,8 +222,9 @@ def kernel_calls(shape, dtype=jnp.bfloat16, doubling: bool = False):
                                    launch=cf.state_grads)
     _, dkp, dw = chunk_dqkw(q, k, vn, dvn, do, h, dh, None, static=st, block_v=cf.dqkw_block_v, launch=cf.dqkw)
     calls = {
-        "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L, doubling=doubling),
-        "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L, doubling=doubling),
+        "wy": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L),
+        "wy_doubling": lambda L, bv: wy_prepare(k, v, beta, None, q, static=st, with_t=True, launch=L, doubling=True),
+        "wy_inverse": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L),
         "wy_inverse_doubling": lambda L, bv: wy_inverse(k, beta, None, q, static=st, launch=L, doubling=True),
         "fwd": lambda L, bv: chunk_forward(q, k, w, u, None, h0, p, static=st, block_v=bv, launch=L),
         "fwd_from_t": lambda L, bv: chunk_forward_from_t(q, k, v, beta, tm, None, h0, p, static=st, block_v=bv,
@@ -267,19 +270,18 @@ def breakdown(shape, calls: int = 20, with_fla: bool = True, overrides: dict | N
 
     B, T, H, D = shape
     cf = dataclasses.replace(KernelConfig.for_shape(D, D, B * H, jnp.dtype(dtype).itemsize), **(overrides or {}))
-    kernels, np_in = kernel_calls(shape, dtype, cf.doubling_inverse)
-    launches = {"wy": (cf.wy, 0), "wy_inverse": (cf.wy_inverse, 0),
+    kernels, np_in = kernel_calls(shape, dtype)
+    launches = {"wy": (cf.wy, 0), "wy_doubling": (cf.wy, 0), "wy_inverse": (cf.wy_inverse, 0),
+                "wy_inverse_doubling": (cf.wy_inverse, 0),
                 "fwd": (cf.fwd, cf.fwd_block_v), "fwd_from_t": (cf.fwd, cf.fwd_block_v), "wy_apply": (cf.wy_apply, 0),
                 "states": (cf.states, cf.fwd_block_v), "state_grads": (cf.state_grads, cf.bwd_block_v),
                 "dqkw": (cf.dqkw, cf.dqkw_block_v), "wy_bwd": (cf.wy_bwd, cf.wy_bwd_block_v)}
-    forward = ["wy_inverse", "fwd_from_t"] if cf.fold_wu else ["wy", "fwd"]
+    inverse = "_doubling" if cf.doubling_inverse else ""
+    forward = [f"wy_inverse{inverse}", "fwd_from_t"] if cf.fold_wu else [f"wy{inverse}", "fwd"]
     passes = [("fwd", name) for name in forward] + [("bwd", name) for name in
                                                     ("wy_apply", "states", "state_grads", "dqkw", "wy_bwd")]
-    def label(name: str) -> str:  # the inverse's kernels say when they invert by doubling
-        text = KERNEL_LABELS[name]
-        return text[:-1] + ", doubling)" if cf.doubling_inverse and name in ("wy", "wy_inverse") else text
-
-    ours = {f"{stage}: {label(name)}": functools.partial(kernels[name], *launches[name]) for stage, name in passes}
+    ours = {f"{stage}: {KERNEL_LABELS[name]}": functools.partial(kernels[name], *launches[name])
+            for stage, name in passes}
     rows = []
 
     def record(impl, name, fn, sync):

@@ -15,6 +15,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over these; "tensor" shards heads and the MLP
 
 
+def _mesh_text(sizes: dict[str, int]) -> str:
+    return " x ".join(f"mesh.{axis}={size}" for axis, size in sizes.items())
+
+
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
     """Axis sizes with the -1 axis (if any) filled by the devices left over.
 
@@ -24,9 +28,8 @@ def resolve_mesh_shape(mesh: MeshConfig, num_devices: int) -> dict[str, int]:
     mesh.check()
     sizes = {axis: getattr(mesh, axis) for axis in MESH_AXES}
     fixed = math.prod(size for size in sizes.values() if size != -1)
-    shown = " x ".join(f"mesh.{axis}={size}" for axis, size in sizes.items())
     if num_devices % fixed:
-        raise ConfigError(f"impossible mesh {shown}: {fixed} devices do not divide the {num_devices} available")
+        raise ConfigError(f"impossible mesh {_mesh_text(sizes)}: {fixed} devices do not divide the {num_devices} available")
     return {axis: num_devices // fixed if size == -1 else size for axis, size in sizes.items()}
 
 
@@ -34,8 +37,7 @@ def check_mesh_fits(shape: dict[str, int], *, num_devices: int, process_count: i
     """A mesh spanning several processes must use every device (each process holds part of it)."""
     used = math.prod(shape.values())
     if process_count > 1 and used != num_devices:
-        shown = " x ".join(f"mesh.{axis}={size}" for axis, size in shape.items())
-        raise ConfigError(f"mesh {shown} uses {used} of the {num_devices} devices of {process_count} processes; "
+        raise ConfigError(f"mesh {_mesh_text(shape)} uses {used} of the {num_devices} devices of {process_count} processes; "
                           "a multi-process mesh must use them all (set one axis to -1)")
 
 
@@ -44,8 +46,7 @@ def unused_devices_text(shape: dict[str, int], num_devices: int) -> str | None:
     used = math.prod(shape.values())
     if used >= num_devices:
         return None
-    shown = " x ".join(f"mesh.{axis}={size}" for axis, size in shape.items())
-    return (f"the mesh {shown} uses {used} of the {num_devices} devices; the other {num_devices - used} stay "
+    return (f"the mesh {_mesh_text(shape)} uses {used} of the {num_devices} devices; the other {num_devices - used} stay "
             "idle (set one axis to -1 to use them all)")
 
 
