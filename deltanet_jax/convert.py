@@ -79,6 +79,8 @@ EXPORT_DTYPES = ("float32", "bfloat16")
 REQUIRED_CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_heads")
 # fla config keys without a counterpart here: accepted only with the value that leaves the model as ours.
 NEUTRAL_FLA_KEYS = {"attnres_block_size": None}
+# DeltaNetConfig fields fla's config does not have (their defaults are fla's models).
+NOT_FLA_FIELDS = ("mixer", "use_mlp")
 # transformers' generic config keys: bookkeeping, no effect on the forward pass.
 TRANSFORMERS_KEYS = frozenset({
     "architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "name_or_path",
@@ -111,7 +113,7 @@ def config_from_fla(raw: Mapping[str, Any], *, source: str = CONFIG_FILE) -> tup
     if raw["model_type"] != MODEL_TYPE:
         raise ValueError(f"{source}: model_type {raw['model_type']!r} is not {MODEL_TYPE!r} "
                          f"(only fla's DeltaNetForCausalLM converts)")
-    fields = {f.name for f in dataclasses.fields(DeltaNetConfig)} - {"mixer"}
+    fields = {f.name for f in dataclasses.fields(DeltaNetConfig)} - set(NOT_FLA_FIELDS)
     values: dict[str, Any] = {}
     ignored = []
     for key, value in raw.items():
@@ -149,8 +151,12 @@ def config_to_fla(config: DeltaNetConfig, *, dtype: str = "float32") -> dict[str
     if config.mixer != "delta":
         raise ValueError(f"config.mixer={config.mixer!r} has no fla DeltaNetForCausalLM counterpart; "
                          f"only mixer='delta' models export")
+    if not config.use_mlp:
+        raise ValueError("config.use_mlp=False has no fla DeltaNetForCausalLM counterpart (its blocks always "
+                         "have an MLP); only models with MLPs export")
     fields = config.to_dict()
-    del fields["mixer"]
+    for name in NOT_FLA_FIELDS:
+        del fields[name]
     return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **fields,
             "torch_dtype": dtype, "dtype": dtype}
 

@@ -45,7 +45,9 @@ class DeltaNetConfig:
     use_short_conv, conv_size, use_beta, allow_neg_eigval, qk_norm, qk_activation, hidden_ratio,
     intermediate_size, hidden_act, norm_eps, vocab_size, tie_word_embeddings, initializer_range,
     attn, mixer ("delta" or "linear": the token mixer of the non-attention layers; not an fla
-    field). The others (attn_mode, fuse_*, use_cache, token ids, ...) are kept for round trips.
+    field), use_mlp (False: blocks without their MLP and its norm, token mixers only, as in
+    Zoology's recall models; not an fla field). The others (attn_mode, fuse_*, use_cache, token
+    ids, ...) are kept for round trips.
     """
 
     vocab_size: int = 32000
@@ -71,6 +73,7 @@ class DeltaNetConfig:
     max_position_embeddings: int = 2048
     attn: dict[str, Any] | None = None
     mixer: str = "delta"
+    use_mlp: bool = True
     attn_mode: str = "chunk"
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -98,7 +101,7 @@ class DeltaNetConfig:
         if self.intermediate_size is not None:
             _positive_int("intermediate_size", self.intermediate_size)
         for name in ("use_gate", "use_short_conv", "use_beta", "use_output_norm", "allow_neg_eigval",
-                     "tie_word_embeddings", "use_cache", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy",
+                     "tie_word_embeddings", "use_cache", "use_mlp", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy",
                      "fuse_linear_cross_entropy", "use_l2warp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"config.{name} must be true or false, got {getattr(self, name)!r}")
@@ -266,7 +269,7 @@ class DeltaNetBlock(nnx.Module):
     """Pre-norm block: `h = x + attn(attn_norm(x)); y = h + mlp(mlp_norm(h))`. x [B, T, D].
 
     `attn` is an `Attention` for layers listed in `config.attn["layers"]`, else the DeltaNet (or
-    linear-attention) mixer.
+    linear-attention) mixer. Without `config.use_mlp` the block has no `mlp_norm` / `mlp`: y = h.
     """
 
     def __init__(self, config: DeltaNetConfig, layer_idx: int = 0, *, implementation: str | None,
@@ -276,14 +279,22 @@ class DeltaNetBlock(nnx.Module):
         self.attn_norm = RMSNorm(config.hidden_size, **norm)
         self.attn = _mixer(config, layer_idx, implementation=implementation, dtype=dtype, param_dtype=param_dtype,
                            rngs=rngs, mesh=mesh)
-        self.mlp_norm = RMSNorm(config.hidden_size, **norm)
-        self.mlp = GatedMLP(config.hidden_size, hidden_ratio=config.hidden_ratio,
-                            intermediate_size=config.intermediate_size, dtype=dtype, param_dtype=param_dtype,
-                            kernel_init=init, rngs=rngs)
+        self.use_mlp = config.use_mlp
+        if config.use_mlp:
+            self.mlp_norm = RMSNorm(config.hidden_size, **norm)
+            self.mlp = GatedMLP(config.hidden_size, hidden_ratio=config.hidden_ratio,
+                                intermediate_size=config.intermediate_size, dtype=dtype, param_dtype=param_dtype,
+                                kernel_init=init, rngs=rngs)
+
+    def _with_mlp(self, h: jax.Array, recompute: bool = False) -> jax.Array:
+        """h + mlp(mlp_norm(h)), or h without an MLP; `recompute`: `_norm_mlp` (training forward)."""
+        if not self.use_mlp:
+            return h
+        return h + (_norm_mlp(self.mlp_norm, self.mlp, h) if recompute else self.mlp(self.mlp_norm(h)))
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         h = x + self.attn(self.attn_norm(x), segment_ids=segment_ids)
-        return h + _norm_mlp(self.mlp_norm, self.mlp, h)
+        return self._with_mlp(h, recompute=True)
 
     def init_cache(self, batch_size: int, max_length: int | None = None) -> LayerCache:
         if isinstance(self.attn, Attention):
@@ -296,13 +307,11 @@ class DeltaNetBlock(nnx.Module):
             a, cache = self.attn.prefill(self.attn_norm(x), segment_ids=segment_ids, max_length=max_length)
         else:
             a, cache = self.attn.prefill(self.attn_norm(x), segment_ids=segment_ids)
-        h = x + a
-        return h + self.mlp(self.mlp_norm(h)), cache
+        return self._with_mlp(x + a), cache
 
     def step(self, x_t: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         a, cache = self.attn.step(self.attn_norm(x_t), cache)
-        h = x_t + a
-        return h + self.mlp(self.mlp_norm(h)), cache
+        return self._with_mlp(x_t + a), cache
 
 
 class DeltaNetModel(nnx.Module):

@@ -68,7 +68,7 @@ def load_fla():
 
 def bench_fla(fla, config: DeltaNetConfig, prompts: np.ndarray, new_tokens: int, reps: int) -> float:
     torch, FlaConfig, FlaModel, _ = fla
-    fields = {k: v for k, v in config.to_dict().items() if k != "mixer"}
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("mixer", "use_mlp")}
     torch.manual_seed(0)
     model = FlaModel(FlaConfig(**fields)).to(device="cuda", dtype=torch.bfloat16).eval()
     ids = torch.from_numpy(prompts.astype(np.int64)).cuda()

@@ -198,6 +198,11 @@ def test_config_to_fla_round_trips_and_names_the_model():
     assert config_from_fla(json.loads(json.dumps(out)))[0] == cfg
     with pytest.raises(ValueError, match="mixer='linear'"):
         config_to_fla(DeltaNetConfig(**TINY, mixer="linear"))
+    assert "use_mlp" not in out
+    with pytest.raises(ValueError, match="use_mlp=False"):
+        config_to_fla(DeltaNetConfig(**TINY, use_mlp=False))
+    cfg, ignored = config_from_fla({**FLA_CONFIG, "use_mlp": False})  # not an fla key: reported, not read
+    assert ignored == ["use_mlp"] and cfg.use_mlp
 
 
 @pytest.mark.parametrize("change, message", [

@@ -94,7 +94,7 @@ def test_config_rejects_unknown_keys_by_name():
     ("expand_k", 0), ("expand_v", 0.3), ("use_gate", "yes"), ("intermediate_size", 0), ("hidden_ratio", -2),
     ("initializer_range", 0), ("use_output_norm", False), ("attn_mode", "fused_chunk"),
     ("attn", {"num_heads": 2}), ("attn", {"layers": [5], "num_heads": 2}), ("attn", [1]), ("model_type", "llama"),
-    ("bos_token_id", -1), ("mixer", "rnn"), ("attn", {"layers": [0], "num_heads": 5}),
+    ("bos_token_id", -1), ("mixer", "rnn"), ("attn", {"layers": [0], "num_heads": 5}), ("use_mlp", "no"),
 ])
 def test_config_rejects_bad_values_naming_the_key(key, value):
     name = {"num_heads": "expand_k"}.get(key, key)  # heads that do not divide the key dim are reported there
@@ -118,13 +118,15 @@ def test_layers_listed_in_attn_are_attention_as_in_fla():
 # ---- parameters ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [{}, {"use_gate": True, "tie_word_embeddings": True},
-                                {"use_short_conv": False, "expand_k": 0.5, "expand_v": 2.0, "intermediate_size": None}])
+                                {"use_short_conv": False, "expand_k": 0.5, "expand_v": 2.0, "intermediate_size": None},
+                                {"use_mlp": False}])
 def test_num_params_matches_formula(kw):
     model = nnx.eval_shape(lambda: _build(**kw))
     c = model.config
     h, kd, vd, heads, w = c.hidden_size, c.key_dim, c.value_dim, c.num_heads, c.conv_size
     inter = c.intermediate_size or 256 * -(-int(h * 4 * 2 / 3) // 256)
-    layer = (2 * h * kd + h * vd + h * heads + vd * h + vd // heads + 2 * h + 3 * h * inter
+    mlp = h + 3 * h * inter if c.use_mlp else 0  # its norm and three projections
+    layer = (2 * h * kd + h * vd + h * heads + vd * h + vd // heads + h + mlp
              + (h * vd if c.use_gate else 0) + ((2 * kd + vd) * w if c.use_short_conv else 0))
     want = c.vocab_size * h + c.num_hidden_layers * layer + h + (0 if c.tie_word_embeddings else h * c.vocab_size)
     assert num_params(model) == want
@@ -196,6 +198,21 @@ def test_prefill_then_decode_equals_full_forward():
     np.testing.assert_allclose(last, prompt_logits[:, -1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mixer", ["delta", "linear"])
+def test_blocks_without_mlp_decode_like_the_full_forward(mixer):
+    """use_mlp=False: no mlp / mlp_norm in any block, y = h; prefill + steps still equal the forward."""
+    hybrid = dict(mixer=mixer, attn={"layers": [1], "num_heads": 4})
+    model = _build("recurrent", use_mlp=False, **hybrid)
+    assert all(not hasattr(layer, "mlp") and not hasattr(layer, "mlp_norm") for layer in model.model.layers)
+    ids = _ids((2, 12))
+    full = _logits(model, ids)
+    with_mlp = _logits(_build("recurrent", **hybrid), ids)
+    assert not np.allclose(full, with_mlp, atol=1e-3)
+    prompt_logits, step_logits = _prefill_decode(model, ids, None, 9)
+    np.testing.assert_allclose(prompt_logits, full[:, :9], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(step_logits, full[:, 9:], rtol=1e-4, atol=1e-4)
+
+
 def test_left_padded_prompts_decode_like_unpadded_ones():
     model = _model("chunked")
     # Prompts of 66, 6 and 40 tokens, left-padded to 66, then 3 decoded tokens each.
@@ -264,3 +281,10 @@ def test_model_rejects_bad_inputs():
         DeltaNetForCausalLM(dataclasses.asdict(DeltaNetConfig(**TINY)), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="cache has 1 layers"):
         model.decode_step(jnp.ones((2,), jnp.int32), model.init_cache(2)[:1])
+
+
+def test_matmul_params_count_the_mlp_only_when_there_is_one():
+    from deltanet_jax.train.flops import matmul_params
+    with_mlp, without = DeltaNetConfig(**TINY), DeltaNetConfig(**TINY, use_mlp=False)
+    h, inter = TINY["hidden_size"], TINY["intermediate_size"]
+    assert matmul_params(with_mlp) - matmul_params(without) == TINY["num_hidden_layers"] * 3 * h * inter

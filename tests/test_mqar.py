@@ -331,7 +331,7 @@ def test_mqar_workers_train_cells_side_by_side_and_merge(tmp_path, monkeypatch):
     runs = mqar.main(args + ["--out", str(tmp_path / "ok")])
     assert [(r.model, r.dim) for r in runs] == [("deltanet", 16), ("deltanet", 24), ("linear", 16), ("linear", 24)]
     assert all(r.steps == 2 and np.isfinite(r.accuracy) and r.status == "budget spent" for r in runs)
-    assert [r.lr for r in runs] == [3e-3] * 4
+    assert [r.lr for r in runs] == [2e-3, 2e-3, 3e-3, 3e-3]
     best = _read(tmp_path / "ok" / "mqar.csv")
     assert [(b["model"], b["dim"]) for b in best] == [("deltanet", "16"), ("deltanet", "24"), ("linear", "16"),
                                                       ("linear", "24")]
@@ -350,8 +350,8 @@ def test_mqar_learning_rates_by_model():
     from experiments import mqar
 
     s = mqar.Setting(dims=(64,))
-    assert s.lrs_for("deltanet") == (3e-3,) and s.lrs_for("attention") == (1e-3,)
-    assert mqar.schedule(s) == [("deltanet", 64, 3e-3), ("linear", 64, 3e-3), ("attention", 64, 1e-3)]
+    assert s.lrs_for("deltanet") == (2e-3,) and s.lrs_for("attention") == (1e-3,)
+    assert mqar.schedule(s) == [("deltanet", 64, 2e-3), ("linear", 64, 3e-3), ("attention", 64, 1e-3)]
     s = mqar.Setting(dims=(64,), models=("attention", "deltanet"), lrs=(1e-2, 1e-3))
     assert mqar.schedule(s) == [("attention", 64, 1e-2), ("deltanet", 64, 1e-2), ("attention", 64, 1e-3),
                                 ("deltanet", 64, 1e-3)]
@@ -402,10 +402,11 @@ def test_lrs_together_stop_once_one_reaches_the_target(tmp_path):
 
     s = mqar.Setting(vocab_size=32, seq_len=16, num_kv_pairs=2, train_mix=(), models=("deltanet",), dims=(16,), lrs=(1e-2, 3e-3),
                      batch_size=4, train_examples=16, test_examples=8, max_steps=6, eval_every=2, warmup_steps=1,
-                     target=0.1)
+                     target=0.1, mlp=True, fresh_examples=False)
     quiet = lambda m: None  # noqa: E731
     apart = {r.lr: r for r in mqar.run_grid(s, tmp_path / "apart", log=quiet)}
-    # precondition (deterministic on CPU): separately, 3e-3 reaches 0.1 at update 4 and 1e-2 never does
+    # precondition (deterministic on CPU, for this model and pool): separately, 3e-3 reaches 0.1 at
+    # update 4 and 1e-2 never does
     assert (apart[3e-3].status, apart[3e-3].steps) == ("reached target", 4)
     assert apart[1e-2].status == "budget spent" and apart[1e-2].steps == 6
     together = {r.lr: r for r in mqar.run_grid(dataclass_replace(s, lrs_together=True), tmp_path / "t", log=quiet)}
@@ -476,7 +477,10 @@ def test_fresh_examples_flag():
     from experiments import mqar
 
     parse = lambda *argv: mqar.setting_from_args(mqar.build_parser().parse_args(list(argv)))  # noqa: E731
-    assert not parse().fresh_examples and parse("--fresh-examples").fresh_examples
+    assert parse().fresh_examples and parse("--fresh-examples").fresh_examples
     assert not parse("--no-fresh-examples").fresh_examples
-    assert "new ones drawn every pass" in parse("--fresh-examples").budget_text()
-    assert "epochs of one pool" in parse().budget_text()
+    assert not parse().mlp and parse("--mlp").mlp and not parse("--no-mlp").mlp
+    assert "new ones drawn every pass" in parse().budget_text()
+    assert "epochs of one pool" in parse("--no-fresh-examples").budget_text()
+    assert "no MLPs" in parse().task_text() and "SwiGLU MLP" in parse("--mlp").task_text()
+    assert mqar.model_config("deltanet", 64, parse()).use_mlp is False

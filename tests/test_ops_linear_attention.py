@@ -43,19 +43,49 @@ def _inputs(B=2, T=21, H=2, K=4, V=3, seed=0):
             r.standard_normal((B, T, H, V)).astype(np.float32), r.standard_normal((B, H, K, V)).astype(np.float32))
 
 
-@pytest.mark.parametrize("chunk,with_segments", [(4, True), (5, False), (64, True)])
-def test_linear_attention_matches_numpy(chunk, with_segments):
+@pytest.mark.parametrize("chunk,with_segments,with_state", [
+    (4, True, True), (5, False, True), (64, True, True), (None, True, True), (None, True, False),
+    (None, False, False)])
+def test_linear_attention_matches_numpy(chunk, with_segments, with_state):
+    """chunk None: the default, one chunk at this length (no scan); 64 > T is one chunk as well."""
     q, k, v, s0 = _inputs()
+    s0 = s0 if with_state else None
     seg = None
     if with_segments:
         seg = np.array([[0, 0, 1, 1, 1, 1, 1, 2, 2, 0, 2, 3, 3, 3, 3, 3, 3, 3, 3, 0, 0],
                         [5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 0, 0, 0, 0, 0, 7, 1, 1]], np.int32)
-    o, fin = linear_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), initial_state=jnp.asarray(s0),
+    o, fin = linear_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                              initial_state=None if s0 is None else jnp.asarray(s0),
                               output_final_state=True, segment_ids=None if seg is None else jnp.asarray(seg),
                               chunk_size=chunk)
     ref_o, ref_fin = linear_attention_numpy(q, k, v, 0.5, s0, seg)
     np.testing.assert_allclose(o, ref_o, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fin, ref_fin, rtol=1e-4, atol=1e-4)
+
+
+def test_default_chunking_by_length_and_gradients(monkeypatch):
+    """Past ONE_BLOCK_MAX_LEN the default is CHUNK_SIZE chunks; both forms give the same gradients."""
+    import deltanet_jax.ops.linear_attention as la
+
+    q, k, v, s0 = (jnp.asarray(x) for x in _inputs())
+    seg = jnp.asarray(np.repeat(np.array([[1] * 8 + [2] * 13]), 2, axis=0), jnp.int32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((2, 21, 2, 3)), jnp.float32)
+
+    def loss(q, k, v, s0, chunk_size):
+        o, fin = linear_attention(q, k, v, initial_state=s0, output_final_state=True, segment_ids=seg,
+                                  chunk_size=chunk_size)
+        return jnp.sum(o * w) + jnp.sum(fin ** 2)
+
+    one_block = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0, None)
+    monkeypatch.setattr(la, "ONE_BLOCK_MAX_LEN", 8)
+    monkeypatch.setattr(la, "CHUNK_SIZE", 4)
+    lowered = jax.jit(lambda *a: loss(*a, None)).lower(q, k, v, s0).as_text()
+    assert "while" in lowered  # 21 > 8 tokens: the scan over chunks of 4
+    chunked = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0, None)
+    for a, b in zip(one_block, chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(la, "ONE_BLOCK_MAX_LEN", 21)
+    assert "while" not in jax.jit(lambda *a: loss(*a, None)).lower(q, k, v, s0).as_text()
 
 
 def test_linear_attention_steps_continue_the_sequence():
@@ -78,5 +108,7 @@ def test_linear_attention_rejects_bad_shapes():
         linear_attention(q, k, v, initial_state=s0[:1])
     with pytest.raises(ValueError, match="segment_ids"):
         linear_attention(q, k, v, segment_ids=np.ones((2, 3), np.int32))
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_attention(q, k, v, chunk_size=0)
     with pytest.raises(ValueError, match="state must be"):
         linear_attention_step(q[:, 0], k[:, 0], v[:, 0], s0[..., :2])

@@ -7,6 +7,8 @@ from zero at every later segment, the row's first segment starts from `initial_s
 The sequence form is chunked: within a chunk of C tokens `O = scale * (Q S + (tril(Q K^T) * M) V)`
 with M the same-segment mask, then `S <- S' + K^T V` over the chunk's last segment, where S' is S
 when the chunk does not start a new segment and 0 otherwise. Accumulation is in float32.
+Sequences of at most `ONE_BLOCK_MAX_LEN` tokens are one chunk by default: the quadratic form alone,
+without the scan over chunks (T^2 work, which at these lengths costs less than the scan's steps).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from deltanet_jax.ops.segments import segment_index
 
 CHUNK_SIZE = 64
+ONE_BLOCK_MAX_LEN = 512  # chunk_size=None: sequences up to this long are computed as one chunk
 
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, seq: bool) -> None:
@@ -28,11 +31,13 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, seq: bool) -> None:
 
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
                      initial_state: jax.Array | None = None, output_final_state: bool = False,
-                     segment_ids: jax.Array | None = None, chunk_size: int = CHUNK_SIZE
+                     segment_ids: jax.Array | None = None, chunk_size: int | None = None
                      ) -> tuple[jax.Array, jax.Array | None]:
     """Causal linear attention over a sequence -> (o [B, T, H, V] in v's dtype, final state or None).
 
     The final state is the state after the last valid token (that of the row's last segment).
+    `chunk_size` None: the whole sequence as one chunk up to `ONE_BLOCK_MAX_LEN` tokens, else
+    `CHUNK_SIZE`.
     """
     _check(q, k, v, seq=True)
     b, t, h, dk = q.shape
@@ -48,6 +53,10 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     else:
         seg, valid = segment_index(segment_ids)
 
+    if chunk_size is None:
+        chunk_size = t if t <= ONE_BLOCK_MAX_LEN else CHUNK_SIZE
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     c = min(chunk_size, t)
     pad = (-t) % c
     n = (t + pad) // c
@@ -65,14 +74,15 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     causal = jnp.tril(jnp.ones((c, c), bool))
     state0 = jnp.zeros((b, h, dk, dv), f32) if initial_state is None else initial_state.astype(f32)
 
-    def body(carry, xs):
+    def body(carry, xs, state_is_zero=False):
         state, cur = carry  # state [B, H, K, V] of segment index `cur` [B]
         qi, ki, vi, si, mi = xs
         same = (si[:, :, None] == si[:, None, :]) & mi[:, None, :] & causal  # [B, C, C]
         scores = jnp.einsum("bihk,bjhk->bhij", qi, ki) * same[:, None]
         o = jnp.einsum("bhij,bjhv->bihv", scores, vi)
-        carried = (si == cur[:, None])[:, :, None, None]
-        o = o + jnp.einsum("bihk,bhkv->bihv", qi, state) * carried
+        if not state_is_zero:
+            carried = (si == cur[:, None])[:, :, None, None]
+            o = o + jnp.einsum("bihk,bhkv->bihv", qi, state) * carried
         o = o * mi[:, :, None, None]
         last = jnp.max(jnp.where(mi, si, -1), axis=1)  # segment of the chunk's last valid token
         new_cur = jnp.where(last >= 0, last, cur)
@@ -81,7 +91,13 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
         new_state = state * keep + jnp.einsum("bjhk,bjhv->bhkv", ki * take, vi)
         return (new_state, new_cur), o
 
-    (state, _), o = jax.lax.scan(body, (state0, jnp.zeros((b,), jnp.int32)), (qc, kc, vc, segc, validc))
+    carry0 = (state0, jnp.zeros((b,), jnp.int32))
+    if n == 1:  # one chunk: no scan
+        (state, _), o = body(carry0, (qc[0], kc[0], vc[0], segc[0], validc[0]),
+                             state_is_zero=initial_state is None)
+        o = o[None]
+    else:
+        (state, _), o = jax.lax.scan(body, carry0, (qc, kc, vc, segc, validc))
     o = jnp.moveaxis(o, 0, 1).reshape(b, n * c, h, dv)[:, :t].astype(v.dtype)
     return o, (state if output_final_state else None)
 

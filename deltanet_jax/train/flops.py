@@ -35,7 +35,8 @@ def matmul_params(config: DeltaNetConfig) -> int:
             if config.mixer == "delta" and config.use_beta:
                 mixer += d * config.num_heads
             total += mixer
-        total += 3 * d * inter
+        if config.use_mlp:
+            total += 3 * d * inter
     return total
 
 
