@@ -66,6 +66,18 @@ def load_fla():
         return None
 
 
+def has_fla_counterpart(config: DeltaNetConfig) -> bool:
+    """Whether fla's DeltaNetForCausalLM builds the same model (else says why, on stderr)."""
+    from deltanet_jax.convert import config_to_fla
+
+    try:
+        config_to_fla(config)
+    except ValueError as err:
+        print(f"{err}; measuring without fla", file=sys.stderr)
+        return False
+    return True
+
+
 def bench_fla(fla, config: DeltaNetConfig, prompts: np.ndarray, new_tokens: int, reps: int) -> float:
     torch, FlaConfig, FlaModel, _ = fla
     fields = {k: v for k, v in config.to_dict().items() if k not in ("mixer", "use_mlp")}
@@ -134,7 +146,7 @@ def main(argv=None) -> int:
         ap.error("the generation benchmark needs a GPU (use --quick for a smoke test on this backend)")
     config = model_config(args.preset, args.quick)
     dtype = jnp.float32 if args.quick else jnp.bfloat16
-    fla = None if (args.quick or args.no_fla) else load_fla()
+    fla = None if (args.quick or args.no_fla or not has_fla_counterpart(config)) else load_fla()
     results = dict(preset="tiny (--quick)" if args.quick else args.preset, prompt_len=prompt_len,
                    new_tokens=new_tokens, reps=args.reps, gpu=jax.devices()[0].device_kind, jax=jax.__version__,
                    fla=None if fla is None else fla[3], date=datetime.date.today().isoformat(), rows=[],

@@ -29,8 +29,7 @@ shorter ones packed `seq_len // length` to a row with segment ids that restart t
 and mask attention at each example (`--no-pack-mix` pads each to a row of its own instead);
 `--train-mix none` trains on the test task alone.
 `--lrs-together` trains a cell's learning rates side by side, their states stacked and updated by
-one vmapped step on the same batches (small models' updates are bound by kernel latency, so a sweep
-should then cost little more than one run).
+one vmapped step on the same batches (fewer launches; about the same device time as the runs apart).
 
 `--quick` is a CPU-sized version, stated in the output too: 64-token sequences with 8 pairs over 64
 tokens, dimensions 16 and 32, one learning rate, 300 updates, and short convolutions on DeltaNet and
@@ -444,8 +443,7 @@ def train_together(cell: Cell, lrs: Sequence[float], train, test_batches, log: C
                    deadline: float = math.inf) -> list[RunResult]:
     """Train the learning rates `lrs` of `cell` side by side: their states stacked on a leading axis,
     updated by one vmapped step on the batches a separate `train_run` of each would see (same
-    initial weights, same order): for a model whose update is bound by kernel latency, a sweep for
-    little more than the time of one run. All stop together: once one reaches the target (the others marked
+    initial weights, same order): one launch sequence for the whole sweep. All stop together: once one reaches the target (the others marked
     "stopped (another lr reached the target)"), at the step budget, or at `deadline` (evaluated once
     more, marked cut). A learning rate whose training loss turns non-finite is marked diverged and
     keeps its last finite evaluation. Returns one RunResult per learning rate, in order."""
@@ -777,7 +775,7 @@ def plot(path: Path, s: Setting, best: list[RunResult]) -> None:
     ax.axhline(s.target, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("model dimension")
     ax.set_ylabel("MQAR accuracy (best learning rate)")
-    conv = ", short conv on DeltaNet / linear" if s.short_conv else ""
+    conv = (", short conv on DeltaNet / linear" if s.short_conv else "") + (", MLPs" if s.mlp else ", no MLPs")
     ax.set_title(f"MQAR, seq len {s.seq_len}, {s.num_kv_pairs} key-value pairs, vocab {s.vocab_size}{conv}",
                  fontsize=10)
     ax.grid(alpha=0.3)

@@ -251,3 +251,15 @@ def test_cli_text_stream_and_the_tokenizer_json_of_a_moved_run(tmp_path):
             assert "\ufffd" not in out.getvalue()
         stream.add([], final=True)
         assert out.getvalue() == text
+
+
+def test_bench_generate_skips_fla_for_models_it_cannot_build(capsys):
+    from deltanet_jax.model import DeltaNetConfig
+    from experiments.bench_generate import has_fla_counterpart
+
+    tiny = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_heads=2)
+    assert has_fla_counterpart(DeltaNetConfig(**tiny))
+    assert not has_fla_counterpart(DeltaNetConfig(**tiny, use_mlp=False))
+    assert not has_fla_counterpart(DeltaNetConfig(**tiny, mixer="linear"))
+    err = capsys.readouterr().err
+    assert "use_mlp=False" in err and "mixer='linear'" in err and err.count("measuring without fla") == 2

@@ -288,3 +288,13 @@ def test_matmul_params_count_the_mlp_only_when_there_is_one():
     with_mlp, without = DeltaNetConfig(**TINY), DeltaNetConfig(**TINY, use_mlp=False)
     h, inter = TINY["hidden_size"], TINY["intermediate_size"]
     assert matmul_params(with_mlp) - matmul_params(without) == TINY["num_hidden_layers"] * 3 * h * inter
+
+
+def test_linear_attention_flops_follow_its_one_chunk_form():
+    from deltanet_jax.ops.linear_attention import ONE_BLOCK_MAX_LEN
+    from deltanet_jax.train.flops import mixer_flops_forward
+    delta, linear = DeltaNetConfig(**TINY), DeltaNetConfig(**TINY, mixer="linear")
+    h, k, v, layers = 2, 16, 16, TINY["num_hidden_layers"]
+    per_token = lambda c: layers * h * (2.0 * c * (3 * k + 2 * v) + 6.0 * k * v)  # noqa: E731
+    assert mixer_flops_forward(linear, 256) == per_token(256) and mixer_flops_forward(delta, 256) == per_token(64)
+    assert mixer_flops_forward(linear, ONE_BLOCK_MAX_LEN + 1) == per_token(64)

@@ -68,7 +68,8 @@ def test_default_chunking_by_length_and_gradients(monkeypatch):
     import deltanet_jax.ops.linear_attention as la
 
     q, k, v, s0 = (jnp.asarray(x) for x in _inputs())
-    seg = jnp.asarray(np.repeat(np.array([[1] * 8 + [2] * 13]), 2, axis=0), jnp.int32)
+    seg = jnp.asarray([[0, 0] + [1] * 6 + [2] * 5 + [0] * 2 + [2] * 4 + [0] * 2,
+                       [3] * 9 + [0] * 3 + [4] * 9], jnp.int32)  # leading, inner and trailing padding
     w = jnp.asarray(np.random.default_rng(1).standard_normal((2, 21, 2, 3)), jnp.float32)
 
     def loss(q, k, v, s0, chunk_size):
@@ -110,5 +111,9 @@ def test_linear_attention_rejects_bad_shapes():
         linear_attention(q, k, v, segment_ids=np.ones((2, 3), np.int32))
     with pytest.raises(ValueError, match="chunk_size"):
         linear_attention(q, k, v, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_attention(q, k, v, chunk_size=2.5)
+    with pytest.raises(ValueError, match="at least one token"):
+        linear_attention(q[:, :0], k[:, :0], v[:, :0])
     with pytest.raises(ValueError, match="state must be"):
         linear_attention_step(q[:, 0], k[:, 0], v[:, 0], s0[..., :2])

@@ -53,10 +53,12 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     else:
         seg, valid = segment_index(segment_ids)
 
+    if t < 1:
+        raise ValueError(f"linear attention needs at least one token, got T = {t}")
     if chunk_size is None:
         chunk_size = t if t <= ONE_BLOCK_MAX_LEN else CHUNK_SIZE
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     c = min(chunk_size, t)
     pad = (-t) % c
     n = (t + pad) // c

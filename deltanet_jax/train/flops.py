@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from deltanet_jax.model import DeltaNetConfig
+from deltanet_jax.ops.linear_attention import ONE_BLOCK_MAX_LEN
 
 CHUNK = 64  # chunk length of the chunked / Pallas delta rule
 
@@ -43,8 +44,9 @@ def matmul_params(config: DeltaNetConfig) -> int:
 def mixer_flops_forward(config: DeltaNetConfig, seq_len: int) -> float:
     """Forward FLOPs per token of the sequence mixers (beyond their projections), all layers.
 
-    DeltaNet / linear attention (chunked form, chunk C, per head K, V): intra-chunk Q K^T, K K^T,
-    the WY products and masked (Q K^T) V' (~2 C (3K + 2V)) plus the state reads and update (~6 K V).
+    DeltaNet (chunked form, chunk C, per head K, V): intra-chunk Q K^T, K K^T, the WY products and
+    masked (Q K^T) V' (~2 C (3K + 2V)) plus the state reads and update (~6 K V). Linear attention
+    counts the same chunked work, with C the whole sequence up to its one-chunk length.
     Softmax attention: causal Q K^T and P V over the visible keys (window or half the sequence).
     """
     total = 0.0
@@ -55,7 +57,8 @@ def mixer_flops_forward(config: DeltaNetConfig, seq_len: int) -> float:
             total += 4.0 * visible * config.hidden_size
         else:
             h, k, v = config.num_heads, config.head_k_dim, config.head_v_dim
-            c = min(CHUNK, seq_len)
+            one_chunk = config.mixer == "linear" and seq_len <= ONE_BLOCK_MAX_LEN
+            c = seq_len if one_chunk else min(CHUNK, seq_len)
             total += h * (2.0 * c * (3 * k + 2 * v) + 6.0 * k * v)
     return total
 
