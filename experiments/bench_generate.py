@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deltanet_jax.convert import NOT_FLA_FIELDS, config_to_fla
 from deltanet_jax.generation import generate
 from deltanet_jax.model import DeltaNetConfig, DeltaNetForCausalLM
 from experiments.benchmarks_md import update_section
@@ -68,8 +69,6 @@ def load_fla():
 
 def has_fla_counterpart(config: DeltaNetConfig) -> bool:
     """Whether fla's DeltaNetForCausalLM builds the same model (else says why, on stderr)."""
-    from deltanet_jax.convert import config_to_fla
-
     try:
         config_to_fla(config)
     except ValueError as err:
@@ -80,7 +79,7 @@ def has_fla_counterpart(config: DeltaNetConfig) -> bool:
 
 def bench_fla(fla, config: DeltaNetConfig, prompts: np.ndarray, new_tokens: int, reps: int) -> float:
     torch, FlaConfig, FlaModel, _ = fla
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("mixer", "use_mlp")}
+    fields = {k: v for k, v in config.to_dict().items() if k not in NOT_FLA_FIELDS}
     torch.manual_seed(0)
     model = FlaModel(FlaConfig(**fields)).to(device="cuda", dtype=torch.bfloat16).eval()
     ids = torch.from_numpy(prompts.astype(np.int64)).cuda()

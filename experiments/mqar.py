@@ -14,9 +14,9 @@ fraction of query positions answered right).
 
 The budget is smaller than Zoology's (stated in the output): passes of `--train-examples` training
 examples, a new draw every pass so that a model cannot memorise them (`--no-fresh-examples`: one
-pool, as Zoology trains), for at most `--max-steps` updates per run,
-evaluation every `--eval-every` updates on a separate test set, early stop once test accuracy reaches `--target` (0.99). A cell that reaches
-the target skips its remaining learning rates. `--time-limit` is shared out as the runs go: each
+pool, as Zoology trains), for at most `--max-steps` updates per run, evaluation every
+`--eval-every` updates on a separate test set, early stop once test accuracy reaches `--target`
+(0.99). A cell that reaches the target skips its remaining learning rates. `--time-limit` is shared out as the runs go: each
 run may use an equal share of the time left among the runs still to come. On a GPU the cells train
 side by side, one process each (`--workers`), every process with the whole time limit for its
 cells: the small models leave most of the GPU idle. Without `--mps` the processes take turns on the
@@ -443,10 +443,11 @@ def train_together(cell: Cell, lrs: Sequence[float], train, test_batches, log: C
                    deadline: float = math.inf) -> list[RunResult]:
     """Train the learning rates `lrs` of `cell` side by side: their states stacked on a leading axis,
     updated by one vmapped step on the batches a separate `train_run` of each would see (same
-    initial weights, same order): one launch sequence for the whole sweep. All stop together: once one reaches the target (the others marked
-    "stopped (another lr reached the target)"), at the step budget, or at `deadline` (evaluated once
-    more, marked cut). A learning rate whose training loss turns non-finite is marked diverged and
-    keeps its last finite evaluation. Returns one RunResult per learning rate, in order."""
+    initial weights, same order): one launch sequence for the whole sweep. All stop together: once
+    one reaches the target (the others marked "stopped (another lr reached the target)"), at the
+    step budget, or at `deadline` (evaluated once more, marked cut). A learning rate whose training
+    loss turns non-finite is marked diverged and keeps its last finite evaluation. Returns one
+    RunResult per learning rate, in order."""
     import jax
     import jax.numpy as jnp
     import numpy as np

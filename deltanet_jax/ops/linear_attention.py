@@ -47,18 +47,18 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
         raise ValueError(f"initial_state must be {(b, h, dk, dv)}, got {initial_state.shape}")
     if segment_ids is not None and segment_ids.shape != (b, t):
         raise ValueError(f"segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
-    if segment_ids is None:
-        seg = jnp.zeros((b, t), jnp.int32)
-        valid = jnp.ones((b, t), bool)
-    else:
-        seg, valid = segment_index(segment_ids)
-
     if t < 1:
         raise ValueError(f"linear attention needs at least one token, got T = {t}")
     if chunk_size is None:
         chunk_size = t if t <= ONE_BLOCK_MAX_LEN else CHUNK_SIZE
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if segment_ids is None:
+        seg = jnp.zeros((b, t), jnp.int32)
+        valid = jnp.ones((b, t), bool)
+    else:
+        seg, valid = segment_index(segment_ids)
+
     c = min(chunk_size, t)
     pad = (-t) % c
     n = (t + pad) // c
