@@ -185,3 +185,19 @@ def test_a_mesh_that_leaves_devices_idle_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
     _run(tmp_path / "all", "train.steps=1")
     assert "devices; the other" not in capsys.readouterr().out
+
+
+def test_without_tensorboardx_the_run_warns_and_keeps_its_metrics(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)   # makes `import tensorboardX` raise ImportError
+    run_dir = tmp_path / "no-tb"
+    result = _run(run_dir, "train.steps=2", "train.eval_every=2")
+    out = capsys.readouterr().out
+    assert "warning: TensorBoard events are not written" in out and "pip install tensorboardX" in out
+    assert result.step == 2 and [r["step"] for r in _records(run_dir)] == [1, 2]
+    assert not (run_dir / "tensorboard").exists()
+    monkeypatch.undo()
+    _run(tmp_path / "with-tb", "train.steps=1")
+    assert "TensorBoard events are not written" not in capsys.readouterr().out
+    assert (tmp_path / "with-tb" / "tensorboard").is_dir()

@@ -54,16 +54,25 @@ def truncate_metrics(run_dir: Path, last_step: int) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Without tensorboardX installed the mirror is off and `tensorboard_off` says why (the records
+    still go to metrics.jsonl); the trainer prints it as a warning.
+    """
 
     def __init__(self, run_dir: Path, *, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
-        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._tb = None
+        self.tensorboard_off: str | None = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=str(self.run_dir / TENSORBOARD_DIR), flush_secs=30)
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as e:
+                self.tensorboard_off = (f"TensorBoard events are not written ({e}); metrics go to {METRICS_FILE} "
+                                        "only. `pip install tensorboardX` brings back tensorboard/.")
+            else:
+                self._tb = SummaryWriter(logdir=str(self.run_dir / TENSORBOARD_DIR), flush_secs=30)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         """`record` holds `step` and scalar values; written as one line and flushed."""

@@ -231,6 +231,8 @@ def train(
         idle = unused_devices_text(dict(mesh.shape), jax.device_count())
         if idle:
             print(f"  {idle}", file=out)
+        if writer.tensorboard_off:
+            print(f"warning: {writer.tensorboard_off}", file=out)
 
     skip = tc.nan_policy == "skip"
     train_step = make_train_step(setup.graphdef, setup.tx, grad_accum=tc.grad_accum, skip_nonfinite=skip,
