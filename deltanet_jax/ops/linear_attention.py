@@ -29,6 +29,12 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, seq: bool) -> None:
         raise ValueError(f"linear attention expects {want}, got q {q.shape}, k {k.shape}, v {v.shape}")
 
 
+def default_chunk_size(t: int) -> int:
+    """The chunk length `chunk_size=None` picks for T tokens: T itself up to `ONE_BLOCK_MAX_LEN`, else
+    `CHUNK_SIZE`."""
+    return t if t <= ONE_BLOCK_MAX_LEN else CHUNK_SIZE
+
+
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
                      initial_state: jax.Array | None = None, output_final_state: bool = False,
                      segment_ids: jax.Array | None = None, chunk_size: int | None = None
@@ -50,7 +56,7 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
     if t < 1:
         raise ValueError(f"linear attention needs at least one token, got T = {t}")
     if chunk_size is None:
-        chunk_size = t if t <= ONE_BLOCK_MAX_LEN else CHUNK_SIZE
+        chunk_size = default_chunk_size(t)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     if segment_ids is None:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from deltanet_jax.model import DeltaNetConfig
-from deltanet_jax.ops.linear_attention import ONE_BLOCK_MAX_LEN
+from deltanet_jax.ops.linear_attention import default_chunk_size
 
 CHUNK = 64  # chunk length of the chunked / Pallas delta rule
 
@@ -57,8 +57,7 @@ def mixer_flops_forward(config: DeltaNetConfig, seq_len: int) -> float:
             total += 4.0 * visible * config.hidden_size
         else:
             h, k, v = config.num_heads, config.head_k_dim, config.head_v_dim
-            one_chunk = config.mixer == "linear" and seq_len <= ONE_BLOCK_MAX_LEN
-            c = seq_len if one_chunk else min(CHUNK, seq_len)
+            c = min(default_chunk_size(seq_len) if config.mixer == "linear" else CHUNK, seq_len)
             total += h * (2.0 * c * (3 * k + 2 * v) + 6.0 * k * v)
     return total
 
